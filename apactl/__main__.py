@@ -1,0 +1,3 @@
+from apactl.cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""The ``apactl`` command line: a thin typer layer.
+
+It parses arguments, loads and validates the recipe, and hands it to one ``run_*`` workflow.
+torch and transformers are imported lazily inside the commands so ``apactl --help`` is instant.
+User errors (recipe, data, model) print one line per problem and exit 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import typer
+
+from apactl import __version__
+from apactl.config import RecipeError, load_recipe, recipe_schema, recipe_to_yaml
+
+EXIT_USER_ERROR = 2
+
+app = typer.Typer(
+    name="apactl",
+    help="Fine-tune language models from feedback with APA, PPO and AWR.\n\n"
+    "Runs are declared in YAML recipes; override any key with key=value after the recipe path.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipe_app = typer.Typer(help="Validate, show and describe recipes.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+RECIPE_ARG = typer.Argument(..., help="Path to a YAML recipe.", show_default=False)
+OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. train.lr=2e-5 data.max_rows=200.",
+                               show_default=False)
+RESUME_OPT = typer.Option(False, "--resume", help="Continue from the latest checkpoint in "
+                          "run.output_dir (optimizer, scheduler, RNG and data position).")
+
+
+def _err(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, imported lazily (they live next to torch code)."""
+    errors: list[type[BaseException]] = [RecipeError]
+    for mod, name in (("apactl.data", "DataError"), ("apactl.models", "ModelError"),
+                      ("apactl.errors", "UserError")):
+        module = sys.modules.get(mod)
+        if module is not None and hasattr(module, name):
+            errors.append(getattr(module, name))
+    return tuple(errors)
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run ``fn``; turn user errors into one-line messages and exit code 2."""
+    try:
+        return fn()
+    except RecipeError as exc:
+        for p in exc.problems:
+            _err(p)
+        raise typer.Exit(EXIT_USER_ERROR) from None
+    except KeyboardInterrupt:
+        _err("interrupted")
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if isinstance(exc, user_errors()):
+            _err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            raise typer.Exit(EXIT_USER_ERROR) from None
+        raise
+
+
+def _load(path: str, overrides: list[str] | None, kind: str | None):
+    return load_recipe(path, overrides or [], kind=kind)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"apactl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_callback(
+    version: bool = typer.Option(False, "--version", callback=version_callback, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    pass
+
+
+@app.command()
+def sft(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
+        resume: bool = RESUME_OPT) -> None:
+    """Supervised fine-tuning (loss on response tokens only).
+
+    Example: apactl sft recipes/sft/smollm2-135m.yaml train.lr=2e-5 data.max_rows=200
+    """
+    def go():
+        r = _load(recipe, overrides, "sft")
+        from apactl.workflows.sft import run_sft
+
+        run_sft(r, resume=resume)
+
+    guarded(go)
+
+
+@app.command()
+def rm(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
+       resume: bool = RESUME_OPT) -> None:
+    """Train a Bradley-Terry reward model on preference pairs.
+
+    Example: apactl rm recipes/rm/smollm2-135m.yaml train.max_steps=50
+    """
+    def go():
+        r = _load(recipe, overrides, "rm")
+        from apactl.workflows.rm import run_rm
+
+        run_rm(r, resume=resume)
+
+    guarded(go)
+
+
+@app.command()
+def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
+          algo: str = typer.Option(None, "--algo", help="apa, ppo or awr (shorthand for the "
+                                   "override algo.name=...)."),
+          resume: bool = RESUME_OPT) -> None:
+    """RL fine-tuning against a reward model or judge with APA, PPO or AWR.
+
+    Example: apactl align recipes/align/smollm2-135m-apa.yaml --algo ppo train.iterations=20
+    """
+    def go():
+        extra = [f"algo.name={algo}"] if algo else []
+        r = _load(recipe, [*extra, *(overrides or [])], "align")
+        from apactl.workflows.align import run_align
+
+        run_align(r, resume=resume)
+
+    guarded(go)
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Check a recipe without loading any model; exit 2 listing every problem.
+
+    Example: apactl recipe validate recipes/align/smollm2-135m-apa.yaml train.minibatch_size=5
+    """
+    def go():
+        r = _load(recipe, overrides, None)
+        typer.echo(f"ok: {recipe} is a valid {r.kind} recipe")
+        derived = getattr(getattr(r, "train", None), "derived", None)
+        if callable(derived):
+            for k, v in derived().items():
+                typer.echo(f"  {k}: {v}")
+
+    guarded(go)
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Print the fully resolved recipe (defaults filled in) as YAML.
+
+    Example: apactl recipe show recipes/sft/smollm2-135m.yaml train.lr=1e-4
+    """
+    guarded(lambda: typer.echo(recipe_to_yaml(_load(recipe, overrides, None)), nl=False))
+
+
+@recipe_app.command("schema")
+def recipe_schema_cmd(kind: str = typer.Argument(..., help="sft, rm, align or eval.")) -> None:
+    """Print the JSON Schema of a recipe kind (for editor completion).
+
+    Example: apactl recipe schema align > align.schema.json
+    """
+    guarded(lambda: typer.echo(json.dumps(recipe_schema(kind), indent=2)))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""One place where metrics are logged: flat ``group/name`` dicts to metrics.jsonl and TensorBoard.
+
+Only the main process writes. On resume the file is cut back to the resumed step so a resumed run's
+metrics.jsonl reads exactly like an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+console = Console(stderr=True)
+
+
+def _clean(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+    return value
+
+
+class MetricsLogger:
+    """Appends ``{"step": n, **metrics}`` lines to ``metrics.jsonl`` and mirrors to TensorBoard."""
+
+    def __init__(self, output_dir: str | Path, tensorboard: bool = True, enabled: bool = True,
+                 resume_step: int | None = None):
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = None
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            self._truncate(resume_step)
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=resume_step)
+            except ImportError:  # tensorboard is optional at run time
+                self._tb = None
+
+    def _truncate(self, step: int) -> None:
+        if not self.path.exists():
+            return
+        keep = [ln for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= step]
+        self.path.write_text("".join(ln + "\n" for ln in keep))
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled or not metrics:
+            return
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                    self._tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+            self._tb.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if p.is_dir():
+        p = p / "metrics.jsonl"
+    if not p.exists():
+        return []
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+
+
+class Progress:
+    """A rich progress bar with a few live fields (loss, lr, tokens/s); ETA from rich."""
+
+    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0):
+        self.enabled = enabled
+        self._bar = None
+        if not enabled:
+            return
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+        from rich.progress import Progress as RichProgress
+
+        self._bar = RichProgress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"), console=console, transient=False,
+        )
+        self._task = self._bar.add_task(description, total=total, completed=start, info="")
+        self._bar.start()
+
+    def update(self, advance: int = 1, **fields: float) -> None:
+        if self._bar is None:
+            return
+        info = "  ".join(f"{k} {_fmt(v)}" for k, v in fields.items())
+        self._bar.update(self._task, advance=advance, info=info)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+
+def _fmt(v: float) -> str:
+    if isinstance(v, int):
+        return str(v)
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+        return f"{v:.2e}"
+    return f"{v:.4g}"
+
+
+class Timer:
+    """Accumulates wall time per phase: ``with timer("generate"): ...``; ``timer.pop()``."""
+
+    def __init__(self):
+        self.times: dict[str, float] = {}
+
+    def __call__(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
+
+        return _Ctx()
+
+    def pop(self) -> dict[str, float]:
+        out, self.times = self.times, {}
+        return out

@@ -1,0 +1,64 @@
+"""A frozen reward model used as a judge: it tokenises the text itself, so a policy and a reward
+model may have different tokenizers (the response is decoded to text and re-tokenised)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from apactl.data import collate_preference, format_for_reward
+from apactl.models import load_sequence_classifier, resolve_model_ref, sequence_scores
+
+REWARD_STATS = "reward_stats.json"
+
+
+def load_reward_stats(folder: str | Path) -> dict[str, float] | None:
+    p = Path(folder) / REWARD_STATS
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+class RewardModelJudge:
+    """Scores ``format_for_reward(messages, response)`` with a sequence classifier."""
+
+    name = "reward-model"
+
+    def __init__(self, path: str, device="cpu", dtype=None, batch_size: int = 16,
+                 normalize: bool = False, max_len: int = 1024):
+        self.path = resolve_model_ref(path, kind="reward")
+        self.model, self.tokenizer = load_sequence_classifier(
+            self.path, device, dtype or torch.float32, trainable=False)
+        self.model.eval()
+        self.device = device
+        self.batch_size = batch_size
+        self.max_len = max_len
+        self.stats = load_reward_stats(self.path)
+        self.normalize = normalize and self.stats is not None
+
+    def texts(self, prompts: Sequence, responses: Sequence[str]) -> list[str]:
+        return [format_for_reward(self.tokenizer, m, r) for m, r in zip(prompts, responses)]
+
+    @torch.inference_mode()
+    def score_tensor(self, prompts: Sequence, responses: Sequence[str]) -> torch.Tensor:
+        """Raw (or normalised) scores [B] on the CPU, float32."""
+        texts = self.texts(prompts, responses)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            enc = [self.tokenizer(t, add_special_tokens=False,
+                                  truncation=True, max_length=self.max_len)["input_ids"]
+                   for t in texts[i:i + self.batch_size]]
+            batch = collate_preference([{"chosen_ids": e, "rejected_ids": e} for e in enc],
+                                       self.tokenizer.pad_token_id)
+            half = len(enc)
+            ids = batch["input_ids"][:half].to(self.device)
+            mask = batch["attention_mask"][:half].to(self.device)
+            out.append(sequence_scores(self.model, ids, mask).float().cpu())
+        scores = torch.cat(out) if out else torch.zeros(0)
+        if self.normalize:
+            scores = (scores - self.stats["mean"]) / self.stats["std"]
+        return scores
+
+    def score(self, prompts: Sequence, responses: Sequence[str]) -> list[float]:
+        return self.score_tensor(prompts, responses).tolist()

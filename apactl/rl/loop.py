@@ -1,0 +1,261 @@
+"""The one RL loop shared by APA, PPO and AWR: rollout -> advantages -> update -> log -> save.
+
+Everything except ``algos.policy_loss`` is identical across algorithms, so comparisons between
+them measure the loss and nothing else.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from apactl.config import AlignRecipe
+from apactl.generation import sample
+from apactl.rl.advantages import gae, kl_estimates, kl_penalized_rewards, masked_mean, masked_whiten
+from apactl.rl.algos import policy_loss
+from apactl.rl.losses import value_loss
+from apactl.rl.scoring import SeqBatch, build_sequences, chunked, critic_forward, policy_forward
+from apactl.rl.types import Rollout
+
+
+@dataclass
+class Actors:
+    """Every model the loop touches. ``ref is None`` means: the policy with LoRA disabled."""
+
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    critic: torch.nn.Module
+    judge: Any  # apactl.judges.Judge
+    tokenizer: Any
+    eos: list[int]
+    device: torch.device
+
+
+@dataclass
+class Optimizers:
+    policy: torch.optim.Optimizer
+    policy_sched: Any
+    critic: torch.optim.Optimizer
+    critic_sched: Any
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k).state_dict() for k in
+                ("policy", "policy_sched", "critic", "critic_sched")}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            getattr(self, k).load_state_dict(v)
+
+
+@dataclass
+class ScoreStats:
+    """Running mean/std of raw judge scores (Welford), checkpointed with the run."""
+
+    n: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def update(self, x: Tensor) -> None:
+        for v in x.tolist():
+            self.n += 1
+            d = v - self.mean
+            self.mean += d / self.n
+            self.m2 += d * (v - self.mean)
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.n - 1)) if self.n > 1 else 0.0
+
+
+@dataclass
+class Warnings:
+    """Plain warnings, each printed once."""
+
+    emit: Callable[[str], None]
+    seen: set[str] = field(default_factory=set)
+    negative_kl_streak: int = 0
+
+    def once(self, key: str, msg: str) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            self.emit(msg)
+
+    def check(self, m: dict[str, float], max_new_tokens: int) -> None:
+        self.negative_kl_streak = self.negative_kl_streak + 1 if m["kl/ref_k1"] < -0.05 else 0
+        if self.negative_kl_streak >= 5:
+            self.once("kl", "KL estimate to the reference has been negative for 5 iterations: "
+                      "the sampling and scoring distributions disagree (temperature, top_k/top_p, "
+                      "or padding).")
+        if m["policy/entropy"] < 0.05:
+            self.once("entropy",
+                      f"policy entropy collapsed to {m['policy/entropy']:.3f} nats/token")
+        if m["response/eos_rate"] == 0.0:
+            self.once("maxlen", f"every response hit max_new_tokens={max_new_tokens} without EOS")
+
+
+def reference_forward(actors: Actors, seq: SeqBatch, response_ids: Tensor, temperature: float):
+    if actors.ref is not None:
+        return policy_forward(actors.ref, seq, response_ids, temperature)[0]
+    with actors.policy.disable_adapter():  # LoRA: the base weights are pi_init
+        return policy_forward(actors.policy, seq, response_ids, temperature)[0]
+
+
+def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
+                 mask: Tensor) -> tuple[list[str], Tensor]:
+    """Decode responses and score the text: the judge tokenises it with its own tokenizer."""
+    ids = [row[: int(m.sum())].tolist() for row, m in zip(response_ids.cpu(), mask.cpu())]
+    texts = actors.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    scores = actors.judge.score([p["messages"] for p in prompts], texts)
+    return texts, torch.as_tensor(scores, dtype=torch.float32)
+
+
+@torch.no_grad()
+def collect_rollout(actors: Actors, prompts: list[dict], recipe: AlignRecipe, beta: float,
+                    timer, pad_id: int) -> tuple[Rollout, list[str], dict[str, float]]:
+    """Generate, score and compute advantages for one batch of prompts (Rollout on device)."""
+    from apactl.data import left_pad
+
+    gen, dev = recipe.generation, actors.device
+    q_ids, q_mask = left_pad([p["input_ids"] for p in prompts], pad_id)
+    q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
+    actors.policy.eval()
+    with timer("generate"):
+        resp, mask = sample(actors.policy, q_ids, q_mask, gen, actors.eos, pad_id)
+    with timer("score"):
+        seq = build_sequences(q_ids, q_mask, resp, mask, pad_id)
+        fb = recipe.train.forward_batch_size or max(recipe.train.minibatch_size
+                                                    // recipe.train.grad_accum, 1)
+        n, temp = resp.shape[0], gen.temperature
+        old, ent = chunked(lambda s: policy_forward(actors.policy, seq.rows(s), resp[s], temp,
+                                                    with_entropy=True), n, fb)
+        ref = chunked(lambda s: reference_forward(actors, seq.rows(s), resp[s], temp), n, fb)
+        values = chunked(lambda s: critic_forward(actors.critic, seq.rows(s)), n, fb)
+    with timer("reward"):
+        texts, raw = judge_scores(actors, prompts, resp, mask)
+    ro = Rollout(q_ids, q_mask, resp, mask, old_logprobs=old, ref_logprobs=ref, values=values,
+                 scores=raw.to(dev))
+    ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
+    stats = {"policy/entropy": masked_mean(ent, mask).item(),
+             "response/length_mean": mask.sum(1).mean().item(),
+             "response/eos_rate": ended.float().mean().item()}
+    return ro, texts, stats
+
+
+def shape_scores(raw: Tensor, recipe: AlignRecipe) -> Tensor:
+    """Clip the (already normalised, if asked) judge scores."""
+    clip = recipe.reward.clip
+    return raw.clamp(-clip, clip) if clip else raw
+
+
+def add_advantages(ro: Rollout, recipe: AlignRecipe, beta: float) -> dict[str, float]:
+    """KL-penalised rewards -> GAE -> (optionally whitened) advantages, in place on ``ro``."""
+    mask = ro.response_mask
+    ro.rewards = kl_penalized_rewards(shape_scores(ro.scores, recipe), ro.old_logprobs,
+                                      ro.ref_logprobs, mask, beta)
+    adv, ro.returns = gae(ro.rewards, ro.values, mask, recipe.gae.gamma, recipe.gae.lam)
+    ro.advantages = masked_whiten(adv, mask) if recipe.gae.whiten else adv
+    kl = kl_estimates(ro.old_logprobs, ro.ref_logprobs, mask)
+    return {
+        "reward/score_mean": ro.scores.mean().item(),
+        "reward/score_std": ro.scores.std().item() if ro.batch_size > 1 else 0.0,
+        "kl/ref_k1": kl["k1"].mean().item(),
+        "kl/ref_k3": kl["k3"].mean().item(),
+        "kl/beta": beta,
+        "adv/mean_raw": masked_mean(adv, mask).item(),
+        "adv/std_raw": masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
+        "critic/explained_var": explained_variance(ro.values, ro.returns, mask),
+    }
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over valid tokens (1 = perfect critic, <= 0 = useless)."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return (1 - var_d / var_r).item() if var_r > 0 else float("nan")
+
+
+def update(actors: Actors, opts: Optimizers, ro: Rollout, recipe: AlignRecipe, iteration: int,
+           train_policy: bool, pad_id: int) -> dict[str, float]:
+    """``epochs_per_rollout`` passes of shuffled minibatches with grad accumulation."""
+    tr = recipe.train
+    gen = torch.Generator().manual_seed(recipe.run.seed * 100_003 + iteration)
+    actors.policy.train()
+    actors.critic.train()
+    sums: dict[str, float] = {}
+    n_steps = 0
+    for _ in range(tr.epochs_per_rollout):
+        for mb in ro.minibatches(tr.minibatch_size, gen):
+            step_stats = _optimizer_step(actors, opts, mb, recipe, train_policy, pad_id)
+            for k, v in step_stats.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps += 1
+    return {k: v / max(n_steps, 1) for k, v in sums.items()}
+
+
+def _optimizer_step(actors: Actors, opts: Optimizers, mb: Rollout, recipe: AlignRecipe,
+                    train_policy: bool, pad_id: int) -> dict[str, float]:
+    tr, accum = recipe.train, recipe.train.grad_accum
+    micro = mb.batch_size // accum
+    stats: dict[str, float] = {}
+    for k in range(accum):
+        m = mb.index(torch.arange(k * micro, (k + 1) * micro))
+        seq = build_sequences(m.query_ids, m.query_mask, m.response_ids, m.response_mask, pad_id)
+        loss = torch.zeros((), device=actors.device)
+        if train_policy:
+            logp, _ = policy_forward(actors.policy, seq, m.response_ids,
+                                     recipe.generation.temperature)
+            p_loss, p_stats = policy_loss(recipe.algo, logp, m)
+            loss = loss + p_loss
+            _accumulate(stats, p_stats, accum)
+            stats["loss/policy"] = stats.get("loss/policy", 0.0) + p_loss.item() / accum
+        v_new = critic_forward(actors.critic, seq)
+        v_loss, v_stats = value_loss(v_new, m.values, m.returns, m.response_mask,
+                                     recipe.critic.clip)
+        loss = loss + recipe.algo.vf_coef * v_loss
+        _accumulate(stats, v_stats, accum)
+        stats["loss/value"] = stats.get("loss/value", 0.0) + v_loss.item() / accum
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss ({loss.item()})")
+        stats["loss/total"] = stats.get("loss/total", 0.0) + loss.item() / accum
+        (loss / accum).backward()
+    if train_policy:
+        stats["policy/grad_norm"] = _clip_and_step(actors.policy, opts.policy, opts.policy_sched,
+                                                   tr.max_grad_norm)
+    stats["critic/grad_norm"] = _clip_and_step(actors.critic, opts.critic, opts.critic_sched,
+                                               tr.max_grad_norm)
+    return stats
+
+
+def _accumulate(into: dict[str, float], stats: dict[str, float], accum: int) -> None:
+    for k, v in stats.items():
+        into[k] = into.get(k, 0.0) + v / accum
+
+
+def _clip_and_step(model, opt, sched, max_norm: float | None) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
+    if not torch.isfinite(norm):
+        raise FloatingPointError(f"non-finite gradient norm ({float(norm)})")
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def iteration_metrics(ro_stats, adv_stats, upd_stats, times, n_episodes, n_tokens,
+                      opts: Optimizers) -> dict[str, float]:
+    total = sum(times.values())
+    m = {**ro_stats, **adv_stats, **upd_stats}
+    m["train/lr"] = opts.policy_sched.get_last_lr()[0]
+    m["train/critic_lr"] = opts.critic_sched.get_last_lr()[0]
+    m.update({f"time/{k}": v for k, v in times.items()})
+    m["time/iteration"] = total
+    m["perf/episodes_per_s"] = n_episodes / total if total else 0.0
+    m["perf/generated_tokens_per_s"] = n_tokens / times.get("generate", total or 1.0)
+    return m

@@ -1,0 +1,147 @@
+"""Policy and value losses for APA, PPO and AWR.
+
+Shapes: B = sequences in the minibatch, T = padded response length, V = vocabulary size.
+Every per-token input is [B, T]; `mask` is [B, T] with 1 on valid response tokens, 0 on padding.
+Each loss returns (loss, stats): `loss` is a scalar token-level masked mean, i.e. the sum over
+all valid tokens of the minibatch divided by their count (long responses weigh more than short
+ones); `stats` holds python floats computed without gradient. Padding never contributes to a
+loss or to a gradient: differences are zeroed at padding *before* any nonlinearity, so even
+inf/nan padding values cannot turn into nan gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from apactl.rl.advantages import masked_mean, zero_padding
+
+
+def _stats(mask: Tensor, **named: Tensor) -> dict[str, float]:
+    """Masked means of the given [B, T] tensors as python floats."""
+    with torch.no_grad():
+        return {name: masked_mean(t.detach().float(), mask).item() for name, t in named.items()}
+
+
+def apa_loss(
+    logprobs: Tensor, anchor_logprobs: Tensor, advantages: Tensor, mask: Tensor, lam: float = 0.1
+) -> tuple[Tensor, dict[str, float]]:
+    """Advantage-Induced Policy Alignment (Zhu et al. 2023), token level.
+
+    L = mean_t (logp_t - anchor_t - A_t / lam)^2, whose minimiser over policies is
+    pi*(a|s) = pi_anchor(a|s) * exp(A(s, a) / lam) when the latter is normalised. Here `lam`
+    is the paper's lambda: it divides the advantage (target = A / lam), so a smaller lam
+    means a larger step away from the anchor. The anchor (usually the rollout policy's or the
+    initial policy's log-probs) and the advantages are constants and are detached here.
+    """
+    log_ratio = zero_padding(logprobs - anchor_logprobs.detach(), mask)
+    target = zero_padding(advantages.detach() / lam, mask)
+    residual = log_ratio - target
+    loss = masked_mean(residual**2, mask)
+    stats = {"policy/loss": loss.item()}
+    stats.update(
+        _stats(
+            mask,
+            **{
+                "policy/apa_target_mean": target,
+                "policy/log_ratio_mean": log_ratio,
+                "policy/apa_residual_abs_mean": residual.abs(),
+            },
+        )
+    )
+    return loss, stats
+
+
+def ppo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
+) -> tuple[Tensor, dict[str, float]]:
+    """PPO clipped surrogate: -mean_t min(rho_t * A_t, clip(rho_t, 1-eps, 1+eps) * A_t).
+
+    rho_t = exp(logp_t - old_t). Stats: `policy/clip_frac` is the fraction of valid tokens
+    where the clipped term is binding (strictly smaller than the unclipped one, so its gradient
+    is zero); `policy/approx_kl` is the masked mean of 0.5 * (logp - old)^2 (the quadratic
+    estimator, not k3).
+    """
+    log_ratio = zero_padding(logprobs - old_logprobs.detach(), mask)
+    adv = zero_padding(advantages.detach(), mask)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    loss = -masked_mean(torch.min(unclipped, clipped), mask)
+    stats = {"policy/loss": loss.item()}
+    stats.update(
+        _stats(
+            mask,
+            **{
+                "policy/clip_frac": (clipped < unclipped).float(),
+                "policy/approx_kl": 0.5 * log_ratio**2,
+                "policy/ratio_mean": ratio,
+            },
+        )
+    )
+    return loss, stats
+
+
+def awr_loss(
+    logprobs: Tensor, advantages: Tensor, mask: Tensor, lam: float = 1.0, max_weight: float = 20.0
+) -> tuple[Tensor, dict[str, float]]:
+    """Advantage-weighted regression: -mean_t w_t * logp_t, w_t = min(exp(A_t / lam), max_weight).
+
+    The weights are constants (detached). They are computed as exp(min(A/lam, log max_weight))
+    so large advantages cannot overflow to inf before the clamp.
+    """
+    scaled = zero_padding(advantages.detach() / lam, mask)
+    log_cap = math.log(max_weight)
+    weights = torch.exp(scaled.clamp(max=log_cap))
+    loss = -masked_mean(weights * zero_padding(logprobs, mask), mask)
+    stats = {"policy/loss": loss.item()}
+    stats.update(
+        _stats(
+            mask,
+            **{"policy/awr_weight_mean": weights, "policy/awr_weight_clip_frac": scaled > log_cap},
+        )
+    )
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = None
+) -> tuple[Tensor, dict[str, float]]:
+    """Critic regression: 0.5 * mean_t (V_t - R_t)^2.
+
+    With `clip` set (PPO style): V_clip = old + clamp(V - old, -clip, clip) and
+    loss = 0.5 * mean_t max((V - R)^2, (V_clip - R)^2); `value/clip_frac` is the fraction of
+    valid tokens where the clipped error is the larger (binding) one.
+    """
+    returns = returns.detach()
+    err = zero_padding(values - returns, mask) ** 2
+    stats_in = {"value/pred_mean": values, "value/return_mean": returns}
+    if clip is None:
+        loss = 0.5 * masked_mean(err, mask)
+    else:
+        delta = zero_padding(values - old_values.detach(), mask)
+        clipped_values = old_values.detach() + delta.clamp(-clip, clip)
+        err_clipped = zero_padding(clipped_values - returns, mask) ** 2
+        loss = 0.5 * masked_mean(torch.max(err, err_clipped), mask)
+        stats_in["value/clip_frac"] = (err_clipped > err).float()
+    stats = {"value/loss": loss.item()}
+    stats.update(_stats(mask, **stats_in))
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy [B, T] of the softmax over the last axis of logits [B, T, V]."""
+    logp = F.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """log softmax(logits / temperature)[labels]: logits [B, T, V], labels [B, T] -> [B, T].
+
+    Computed in float32 because bf16/fp16 log-softmax is too coarse for importance ratios.
+    """
+    logp = F.log_softmax(logits.float() / temperature, dim=-1)
+    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)

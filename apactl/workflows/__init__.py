@@ -1,0 +1,1 @@
+"""One linear ``run_*`` workflow per command."""

@@ -1,0 +1,106 @@
+"""``apactl rm``: a Bradley-Terry reward model.
+
+Loss: -log sigmoid(r_chosen - r_rejected - margin), mean over pairs.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from apactl.config import RMRecipe
+from apactl.data import collate_preference, load_examples, tokenize_preference
+from apactl.metrics import console
+from apactl.models import load_sequence_classifier, resolve_model_ref, save_model, sequence_scores
+from apactl.reward import REWARD_STATS
+from apactl.runtime import setup_run
+from apactl.trainer import SupervisedTask, run_supervised
+from apactl.workflows.sft import _report, to_device
+
+
+def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores of the chosen [B] and rejected [B] halves of a collated [2B, L] batch."""
+    scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"]).float()
+    half = scores.shape[0] // 2
+    return scores[:half], scores[half:]
+
+
+def bt_loss(model, batch, margin: float = 0.0) -> tuple[torch.Tensor, dict, int]:
+    """Bradley-Terry loss, mean over pairs; accuracy counts strict wins of the chosen reply."""
+    rc, rr = pair_scores(model, batch)
+    loss = -F.logsigmoid(rc - rr - margin).mean()
+    stats = {"train/loss": loss.item(), "train/accuracy": (rc > rr).float().mean().item(),
+             "train/margin": (rc - rr).mean().item()}
+    return loss, stats, int(batch["attention_mask"].sum())
+
+
+def rm_eval(model, items, collate, batch_size: int, margin: float) -> dict[str, float]:
+    if not items:
+        return {}
+    chosen, rejected = [], []
+    for i in range(0, len(items), batch_size):
+        rc, rr = pair_scores(model, collate(items[i:i + batch_size]))
+        chosen.append(rc)
+        rejected.append(rr)
+    rc, rr = torch.cat(chosen), torch.cat(rejected)
+    both = torch.cat([rc, rr])
+    return {
+        "eval/loss": -F.logsigmoid(rc - rr - margin).mean().item(),
+        "eval/accuracy": (rc > rr).float().mean().item(),
+        "eval/margin": (rc - rr).mean().item(),
+        "eval/reward_mean": both.mean().item(),
+        "eval/reward_std": both.std().item(),
+        "eval/pairs": float(len(rc)),
+    }
+
+
+def reward_stats(model, items, collate, batch_size: int) -> dict[str, float]:
+    """Mean/std of rewards over both replies, saved beside the model for normalisation."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        scores = [torch.cat(pair_scores(model, collate(items[i:i + batch_size])))
+                  for i in range(0, len(items), batch_size)]
+    model.train(was_training)
+    s = torch.cat(scores)
+    return {"mean": s.mean().item(), "std": max(s.std().item(), 1e-6), "n": int(s.numel())}
+
+
+def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, float]:
+    rt = setup_run(recipe)
+    d, tr = recipe.data, recipe.train
+    train_ex, eval_ex, report = load_examples(d, "preference")
+    ref = resolve_model_ref(recipe.model.name_or_path, recipe.model.cache_dir, kind="reward")
+    model, tok = load_sequence_classifier(ref, rt.device, rt.dtype, trainable=True,
+                                          cfg=recipe.model,
+                                          freeze_bottom_layers=tr.freeze_bottom_layers)
+    args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
+    train_items, skip_t = tokenize_preference(tok, train_ex, *args)
+    eval_items, skip_e = tokenize_preference(tok, eval_ex, *args)
+    _report(report, skip_t + skip_e, len(train_items), len(eval_items))
+    collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
+                                      rt.device)
+    ebs = tr.eval_batch_size or tr.micro_batch_size
+    stats_items = eval_items or train_items[:512]
+
+    def save(model, folder: Path, final: bool) -> None:
+        save_model(model, tok, folder, merge_lora=final)
+        if final:
+            stats = reward_stats(model, stats_items, collate, ebs)
+            (folder / REWARD_STATS).write_text(json.dumps(stats, indent=2))
+
+    task = SupervisedTask(
+        model=model, train_items=train_items, collate=collate,
+        loss_fn=partial(bt_loss, margin=recipe.loss.margin),
+        evaluate=partial(rm_eval, items=eval_items, collate=collate, batch_size=ebs,
+                         margin=recipe.loss.margin),
+        save_model=save, name="rm",
+    )
+    final = run_supervised(task, recipe.run, tr, recipe.logging, resume=resume)
+    console.print(f"[green]rm done[/]: {Path(recipe.run.output_dir) / 'final'}  "
+                  + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    return final

@@ -1,0 +1,86 @@
+"""``apactl sft``: supervised fine-tuning with the loss on response tokens only."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from apactl.config import SFTRecipe
+from apactl.data import collate_sft, load_examples, pack_sft, tokenize_sft
+from apactl.metrics import console
+from apactl.models import load_policy, save_model
+from apactl.runtime import setup_run
+from apactl.trainer import SupervisedTask, run_supervised
+
+
+def sft_loss(model, batch) -> tuple[torch.Tensor, dict, int]:
+    """Mean next-token cross-entropy over response tokens (labels != -100) of the micro-batch."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 labels=batch["labels"])
+    return out.loss, {"train/loss": out.loss.item()}, int(batch["attention_mask"].sum())
+
+
+def sft_eval(model, items, collate, batch_size: int) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over the held-out items."""
+    if not items:
+        return {}
+    total, count = 0.0, 0
+    for i in range(0, len(items), batch_size):
+        batch = collate(items[i:i + batch_size])
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+            reduction="sum")
+        total += nll.item()
+        count += int((labels != -100).sum())
+    loss = total / max(count, 1)
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, float]:
+    rt = setup_run(recipe)
+    d = recipe.data
+    train_ex, eval_ex, report = load_examples(d, "sft")
+    model, tok = load_policy(recipe.model, rt.device, rt.dtype,
+                             freeze_bottom_layers=recipe.train.freeze_bottom_layers)
+    train_items, skip_t = tokenize_sft(tok, train_ex, d.max_prompt_len, d.max_len,
+                                       d.on_bad_row, report.source)
+    eval_items, skip_e = tokenize_sft(tok, eval_ex, d.max_prompt_len, d.max_len,
+                                      d.on_bad_row, report.source)
+    _report(report, skip_t + skip_e, len(train_items), len(eval_items))
+    if d.packing:
+        train_items = pack_sft(train_items, d.max_len)
+    collate = lambda items: to_device(collate_sft(items, tok.pad_token_id), rt.device)  # noqa: E731
+    ebs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    task = SupervisedTask(
+        model=model, train_items=train_items, collate=collate, loss_fn=sft_loss,
+        evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs),
+        save_model=_saver(tok), name="sft",
+    )
+    final = run_supervised(task, recipe.run, recipe.train, recipe.logging, resume=resume)
+    console.print(f"[green]sft done[/]: {Path(recipe.run.output_dir) / 'final'}  "
+                  + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    return final
+
+
+def _saver(tok):
+    def save(model, folder: Path, final: bool) -> None:
+        # Checkpoints keep a LoRA adapter as is (exact resume); `final` gets a merged model.
+        save_model(model, tok, folder, merge_lora=final)
+    return save
+
+
+def _report(report, skipped: int, n_train: int, n_eval: int) -> None:
+    total_skipped = report.n_skipped + skipped
+    msg = f"data: {report.source}: {n_train} train / {n_eval} eval examples"
+    if total_skipped:
+        msg += f" ({total_skipped} bad rows skipped)"
+    console.print(msg)

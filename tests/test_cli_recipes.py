@@ -1,0 +1,154 @@
+"""Recipe validation and the CLI surface (typer's CliRunner; no model is loaded here)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from apactl.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def write(tmp_path: Path, data: dict, name: str = "r.yaml") -> str:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(data))
+    return str(p)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_shipped_recipe_validates(recipe: Path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    res = invoke("recipe", "validate", str(recipe.relative_to(ROOT)))
+    assert res.exit_code == 0, res.output
+    assert "ok:" in res.output
+
+
+def test_help_does_not_import_torch():
+    code = ("import sys; from typer.testing import CliRunner; from apactl.cli import app; "
+            "r = CliRunner().invoke(app, ['--help']); assert r.exit_code == 0; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_version():
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.output.startswith("apactl ")
+
+
+def test_every_command_has_help_with_example():
+    for cmd in (["sft"], ["rm"], ["align"], ["recipe", "validate"], ["recipe", "show"],
+                ["recipe", "schema"]):
+        res = invoke(*cmd, "--help")
+        assert res.exit_code == 0, cmd
+        assert "Example:" in res.output, cmd
+
+
+SFT = {"kind": "sft", "data": {"source": "builtin:sft"}, "model": {"name_or_path": "tiny-random"}}
+
+
+@pytest.mark.parametrize(
+    "patch, expected",
+    [
+        ({"train": {"lr": -1}}, "train.lr: Input should be greater than 0, got -1"),
+        ({"train": {"lrr": 1}}, "train.lrr: unknown key"),
+        ({"train": {"batch_size": "eight"}}, "train.batch_size: Input should be a valid integer"),
+        ({"train": {"batch_size": 6, "grad_accum": 4}},
+         "train: batch_size (6) must be divisible by grad_accum (4)"),
+        ({"data": {"source": "missing.jsonl"}}, "data.source: file not found: missing.jsonl"),
+        ({"data": {"source": "builtin:nope"}}, "data.source: unknown built-in dataset 'nope'"),
+        ({"data": {"source": "builtin:sft", "max_prompt_len": 600, "max_len": 512}},
+         "data: max_prompt_len (600) must be < max_len (512)"),
+        ({"run": {"device": "tpu"}}, "run.device: Input should be 'auto', 'cpu' or 'cuda'"),
+        ({"kind": "rm"}, "kind: this is a 'rm' recipe, but the command runs 'sft'"),
+    ],
+)
+def test_bad_sft_recipe_exit_2_names_field(tmp_path, patch, expected):
+    data = json.loads(json.dumps(SFT))
+    for k, v in patch.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and k in data else v
+    res = invoke("sft", write(tmp_path, data))
+    assert res.exit_code == 2, res.output
+    assert expected in res.output
+    assert "Traceback" not in res.output
+
+
+ALIGN = {
+    "kind": "align",
+    "policy": {"name_or_path": "tiny-random"},
+    "reward": {"judge": "char-fraction"},
+    "critic": {"init": "policy"},
+    "data": {"source": "builtin:prompts"},
+    "algo": {"name": "apa"},
+}
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["algo.clip_eps=0.2"], "algo.clip_eps: unknown key for this algorithm"),
+        (["algo.name=ppo", "algo.lam=0.5"], "algo.lam: unknown key for this algorithm"),
+        (["algo.name=trpo"], "algo: unknown algorithm; expected one of: apa, ppo, awr"),
+        (["train.rollout_batch_size=10", "train.minibatch_size=4"],
+         "rollout_batch_size (10) must be divisible by minibatch_size (4)"),
+        (["train.minibatch_size=4", "train.grad_accum=3"],
+         "minibatch_size (4) must be divisible by grad_accum (3)"),
+        (["reward.judge=nope"], "unknown judge 'nope'; available judges:"),
+        (["reward.judge=reward-model"], "judge 'reward-model' needs a path"),
+        (["critic.init=reward"], "critic.init: 'reward' needs a reward-model judge"),
+        (["train.lr"], "override 'train.lr': expected key=value"),
+    ],
+)
+def test_bad_align_recipe(tmp_path, overrides, expected):
+    res = invoke("recipe", "validate", write(tmp_path, ALIGN), *overrides)
+    assert res.exit_code == 2, res.output
+    assert expected in res.output, res.output
+
+
+def test_algo_shorthand_and_derived_numbers(tmp_path):
+    path = write(tmp_path, ALIGN)
+    res = invoke("recipe", "validate", path, "train.rollout_batch_size=32",
+                 "train.minibatch_size=8", "train.epochs_per_rollout=2", "train.iterations=10")
+    assert res.exit_code == 0, res.output
+    assert "optimizer_steps_per_iteration: 8" in res.output
+    assert "total_episodes: 320" in res.output
+
+
+def test_show_fills_algorithm_defaults(tmp_path):
+    path = write(tmp_path, ALIGN)
+    shown = yaml.safe_load(invoke("recipe", "show", path).output)
+    assert shown["kl"]["beta"] == 0.0 and shown["kl"]["adaptive"] is False  # APA default
+    shown = yaml.safe_load(invoke("recipe", "show", path, "algo.name=ppo").output)
+    assert shown["kl"]["beta"] == 0.05 and shown["kl"]["adaptive"] is True  # PPO default
+    assert shown["algo"]["clip_eps"] == 0.2
+    assert shown["train"]["rollout_batch_size"] == 16
+
+
+def test_schema_is_json():
+    res = invoke("recipe", "schema", "align")
+    schema = json.loads(res.output)
+    assert "algo" in schema["properties"]
+    assert invoke("recipe", "schema", "nope").exit_code == 2
+
+
+def test_unknown_kind_and_missing_file(tmp_path):
+    res = invoke("recipe", "validate", write(tmp_path, {"kind": "dpo"}))
+    assert res.exit_code == 2 and "kind: unknown recipe kind 'dpo'" in res.output
+    res = invoke("recipe", "validate", str(tmp_path / "nope.yaml"))
+    assert res.exit_code == 2 and "file not found" in res.output
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: sft\n  data: [")
+    res = invoke("recipe", "validate", str(bad))
+    assert res.exit_code == 2 and "cannot parse" in res.output

@@ -1,0 +1,417 @@
+"""apactl.data: loading, shape detection, validation, splitting, rendering, tokenising, batching.
+
+Fixtures are tiny files under tests/fixtures/data; gzip and parquet copies are written to
+tmp_path. Nothing touches the network (the hub path is exercised with a stubbed loader).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from apactl import data as D
+from apactl.config import DataConfig, FieldMap
+from apactl.testing import make_tiny_tokenizer
+
+FIX = Path(__file__).parent / "fixtures" / "data"
+
+
+def cfg(name: str | Path, **kw) -> DataConfig:
+    source = str(name if isinstance(name, Path) else FIX / name)
+    return DataConfig(source=source, **kw)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tiny_tokenizer()
+
+
+def user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def bot(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
+
+
+# ---------------------------------------------------------------------------- detection
+@pytest.mark.parametrize(
+    ("name", "kind", "fmt", "n"),
+    [
+        ("sft.jsonl", "sft", "sft", 5),
+        ("chat.jsonl", "sft", "chat", 3),
+        ("prefs.jsonl", "preference", "preference", 3),
+        ("hh.jsonl", "preference", "hh", 4),
+        ("prompts.csv", "prompt", "prompt", 4),
+    ],
+)
+def test_auto_detects_each_shape(name, kind, fmt, n):
+    train, held_out, report = D.load_examples(cfg(name), kind)
+    assert report.format == fmt
+    assert (len(train), held_out, report.n_train, report.total_rows) == (n, [], n, n)
+    assert [e.row for e in train] == list(range(n))
+
+
+def test_sft_and_chat_examples():
+    train, _, _ = D.load_examples(cfg("sft.jsonl"), "sft")
+    assert train[0] == D.SFTExample([user("What is the capital of France?")], "Paris.", 0)
+    chat, _, _ = D.load_examples(cfg("chat.jsonl"), "sft")
+    assert chat[0].messages == [{"role": "system", "content": "Be brief."}, user("Hi!")]
+    assert chat[0].response == "Hello."
+    assert chat[1].messages == [user("2+2?"), bot("4"), user("And 3+3?")]
+    assert chat[1].response == "6"
+
+
+def test_preference_prompt_string_or_messages():
+    train, _, _ = D.load_examples(cfg("prefs.jsonl"), "preference")
+    assert train[0].messages == [user("Is water wet?")]
+    assert train[1].messages == [user("Hi"), bot("Hello!"), user("Tell me a fact.")]
+    assert (train[1].chosen, train[1].rejected) == ("Honey never spoils.", "Facts are boring.")
+
+
+def test_csv_cells_stay_text():
+    train, _, _ = D.load_examples(cfg("prompts.csv"), "prompt")
+    assert train[1].messages == [user("Explain, in one line, what a CPU does.")]
+    assert train[2].messages == [user("007")]
+    assert train[3].messages == [user('Say "hello" politely.')]
+
+
+def test_undetectable_columns(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(D.DataError, match=r"x\.jsonl: cannot detect the data format"):
+        D.load_examples(cfg(path), "sft")
+
+
+def test_format_incompatible_with_kind():
+    with pytest.raises(D.DataError, match="format 'sft' cannot give preference examples"):
+        D.load_examples(cfg("sft.jsonl"), "preference")
+
+
+# -------------------------------------------------------------------------------- HH
+def test_parse_hh_multi_turn():
+    text = ("\n\nHuman: My plants are yellow.\n\nAssistant: Top or bottom?"
+            "\n\nHuman: Bottom.\n\nAssistant: Probably old leaves.")
+    messages, reply = D.parse_hh(text)
+    assert messages == [user("My plants are yellow."), bot("Top or bottom?"), user("Bottom.")]
+    assert reply == "Probably old leaves."
+
+
+def test_parse_hh_merges_repeated_speaker_and_rejects_junk():
+    messages, reply = D.parse_hh("\n\nHuman: a\n\nHuman: b\n\nAssistant: c")
+    assert (messages, reply) == ([user("a\n\nb")], "c")
+    for bad in ["no turns at all", "\n\nHuman: only a question", "\n\nHuman: q\n\nAssistant:"]:
+        with pytest.raises(ValueError):
+            D.parse_hh(bad)
+
+
+def test_hh_file_gives_shared_prompt_and_final_replies():
+    train, _, _ = D.load_examples(cfg("hh.jsonl"), "preference")
+    assert train[0].messages == [user("What is a good way to keep basil fresh?")]
+    assert train[0].rejected == "Put it in the freezer."
+    ex = train[2]
+    assert [m["role"] for m in ex.messages] == ["user", "assistant", "user", "assistant", "user"]
+    assert ex.messages[0] == user("My tomato plants have yellow leaves.")
+    assert ex.messages[-1] == user("How do I tell the difference?")
+    assert ex.chosen == "Blight leaves have brown spots with rings; old leaves just fade."
+    assert ex.rejected == "Pull the plant out."
+
+
+def test_hh_gz_matches_plain(tmp_path):
+    gz = tmp_path / "hh.jsonl.gz"
+    with open(FIX / "hh.jsonl", "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    plain, _, _ = D.load_examples(cfg("hh.jsonl"), "preference")
+    zipped, _, report = D.load_examples(cfg(gz), "preference")
+    assert zipped == plain and report.format == "hh"
+
+
+def test_hh_rows_as_prompts():
+    train, _, report = D.load_examples(cfg("hh.jsonl"), "prompt")
+    assert report.format == "hh"
+    assert isinstance(train[1], D.PromptExample)
+    assert train[1].messages[-1] == user(
+        "About two hours, and no more than thirty minutes of driving.")
+
+
+def test_hh_prompts_differ_is_bad_row(tmp_path):
+    rows = [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: X\n\nAssistant: c"}]
+    path = write_jsonl(tmp_path / "hh.jsonl", rows)
+    with pytest.raises(D.DataError, match=r"hh\.jsonl: row 0: field 'rejected': the dialogue"):
+        D.load_examples(cfg(path), "preference")
+
+
+# --------------------------------------------------------------- files, remapping, splits
+def test_parquet_chat(tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "chat.parquet"
+    rows = [{"messages": [user(f"q{i}"), bot(f"a{i}")]} for i in range(4)]
+    Dataset.from_list(rows).to_parquet(str(path))
+    train, _, report = D.load_examples(cfg(path), "sft")
+    assert report.format == "chat"
+    assert [(e.messages, e.response) for e in train] == [([user(f"q{i}")], f"a{i}")
+                                                         for i in range(4)]
+    gz = tmp_path / "chat.parquet.gz"
+    with open(path, "rb") as src, gzip.open(gz, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    assert D.load_examples(cfg(gz), "sft")[0] == train
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps([{"prompt": "p0"}, {"prompt": "p1"}]))
+    train, _, report = D.load_examples(cfg(path), "prompt")
+    assert report.format == "prompt" and [e.messages[0]["content"] for e in train] == ["p0", "p1"]
+
+
+def test_field_remapping(tmp_path):
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(3)]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    fields = FieldMap(prompt="question", response="answer")
+    train, _, report = D.load_examples(cfg(path, fields=fields), "sft")
+    assert report.format == "sft"
+    assert train[2] == D.SFTExample([user("q2")], "a2", 2)
+    bad = write_jsonl(tmp_path / "qa_bad.jsonl", [{"question": "q", "answer": ""}])
+    with pytest.raises(D.DataError, match="row 0: field 'answer': empty text"):
+        D.load_examples(cfg(bad, fields=fields), "sft")
+
+
+def test_max_rows_keeps_first_rows():
+    train, _, report = D.load_examples(cfg("sft.jsonl", max_rows=2), "sft")
+    assert [e.row for e in train] == [0, 1] and report.total_rows == 2
+
+
+def test_eval_rows_takes_the_last_rows():
+    train, held_out, report = D.load_examples(cfg("sft.jsonl", eval_rows=2), "sft")
+    assert [e.row for e in train] == [0, 1, 2]
+    assert [e.row for e in held_out] == [3, 4]
+    assert held_out[-1].response == "Eight."
+    assert (report.n_train, report.n_eval) == (3, 2)
+
+
+def test_eval_fraction():
+    train, held_out, _ = D.load_examples(cfg("sft.jsonl", eval_fraction=0.4), "sft")
+    assert [e.row for e in train] == [0, 1, 2] and [e.row for e in held_out] == [3, 4]
+    train, held_out, _ = D.load_examples(cfg("sft.jsonl", max_rows=4, eval_fraction=0.1), "sft")
+    assert len(train) == 3 and [e.row for e in held_out] == [3]  # at least one row held out
+
+
+def test_eval_leaving_no_training_rows():
+    with pytest.raises(D.DataError, match="holding out 5 of 5 rows"):
+        D.load_examples(cfg("sft.jsonl", eval_rows=5), "sft")
+
+
+def test_eval_split_of_a_local_source_is_a_file():
+    train, held_out, report = D.load_examples(
+        cfg("sft.jsonl", eval_split=str(FIX / "chat.jsonl")), "prompt")
+    assert (len(train), len(held_out), report.total_rows) == (5, 3, 8)
+    assert held_out[1].messages == [user("2+2?"), bot("4"), user("And 3+3?")]
+
+
+def test_hub_dataset_path_with_stubbed_loader(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def fake_load(path, name=None, data_dir=None, split=None):
+        calls.append((path, name, data_dir, split))
+        return datasets.Dataset.from_list([{"prompt": f"{split}{i}"} for i in range(3)])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    c = DataConfig(source="someone/prompts", subset="en", data_dir="d", eval_split="test")
+    train, held_out, report = D.load_examples(c, "prompt")
+    assert calls == [("someone/prompts", "en", "d", split) for split in ("train", "test")]
+    assert report.source == "someone/prompts:en/d[train]"
+    assert held_out[0].messages == [user("test0")] and len(train) == 3
+
+
+def test_missing_file():
+    with pytest.raises(D.DataError, match=r"nope\.jsonl: file not found"):
+        D.load_rows(cfg("nope.jsonl"))
+
+
+def test_unreadable_file(tmp_path):
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"prompt": "ok"}\n{"prompt": \n')
+    with pytest.raises(D.DataError, match=r"broken\.jsonl: cannot read as jsonl") as err:
+        D.load_rows(cfg(path))
+    assert "\n" not in str(err.value)
+
+
+# ------------------------------------------------------------------------------ bad rows
+def test_bad_row_error_names_file_row_field():
+    with pytest.raises(D.DataError) as err:
+        D.load_examples(cfg("bad.jsonl"), "sft")
+    assert str(err.value) == f"{FIX / 'bad.jsonl'}: row 1: field 'response': missing"
+
+
+def test_bad_rows_skipped_and_reported():
+    train, _, report = D.load_examples(cfg("bad.jsonl", on_bad_row="skip"), "sft")
+    assert [e.row for e in train] == [0, 4]
+    assert report.n_skipped == 3 and report.n_train == 2
+    src = FIX / "bad.jsonl"
+    assert report.skipped == [
+        f"{src}: row 1: field 'response': missing",
+        f"{src}: row 2: field 'prompt': empty text",
+        f"{src}: row 3: field 'response': expected a string, got int",
+    ]
+    assert "3 skipped" in report.summary()
+
+
+def test_bad_messages_name_the_message(tmp_path):
+    rows = [{"messages": [user("hi"), {"role": "robot", "content": "x"}]},
+            {"messages": [user("hi"), bot("")]},
+            {"messages": [user("only a question")]},
+            {"messages": [user("hi"), bot("hello")]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    _, _, report = D.load_examples(cfg(path, on_bad_row="skip"), "prompt")
+    assert report.n_skipped == 2  # a trailing user turn is a fine prompt
+    assert "row 0: field 'messages[1].role': unknown role 'robot'" in report.skipped[0]
+    assert "row 1: field 'messages[1].content': empty text" in report.skipped[1]
+    train, _, report = D.load_examples(cfg(path, on_bad_row="skip"), "sft")
+    assert [e.row for e in train] == [3]
+    assert report.skipped[2].endswith(
+        "row 2: field 'messages': last message must be the assistant reply, got 'user'")
+
+
+# ----------------------------------------------------------------------------- rendering
+def test_render_with_chat_template(tok):
+    msgs = [user("Hi")]
+    assert D.render_prompt(tok, msgs) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert D.render_response(tok, msgs, "Yo") == "Yo<|im_end|>\n"
+    assert D.format_for_reward(tok, msgs, "Yo") == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n")
+
+
+def test_render_without_chat_template_is_plain_hh_text():
+    plain = make_tiny_tokenizer(chat_template=False)
+    msgs = [user("Hi"), bot("Hello"), user("Bye?")]
+    expected = "\n\nHuman: Hi\n\nAssistant: Hello\n\nHuman: Bye?\n\nAssistant:"
+    assert D.render_prompt(plain, msgs) == expected
+    assert D.render_response(plain, msgs, "Bye.") == " Bye.<|im_end|>"
+    text = D.format_for_reward(plain, msgs[:1], "Hello")
+    assert text == "\n\nHuman: Hi\n\nAssistant: Hello<|im_end|>"
+    assert D.parse_hh(text.removesuffix("<|im_end|>")) == ([user("Hi")], "Hello")
+
+
+def test_render_response_when_prompt_is_not_a_prefix():
+    odd = make_tiny_tokenizer()
+    # The generation prompt says "bot:" but a rendered reply says "assistant:".
+    odd.chat_template = (
+        "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ 'bot: ' }}{% endif %}"
+    )
+    with pytest.warns(UserWarning, match="not render the prompt as a prefix"):
+        assert D.render_response(odd, [user("x")], "y") == "y<|im_end|>"
+
+
+# ---------------------------------------------------------------------------- tokenising
+def test_tokenize_sft_masks_the_prompt(tok):
+    examples = [D.SFTExample([user("What?")], "Paris.", 7)]
+    items, skipped = D.tokenize_sft(tok, examples, max_prompt_len=64, max_len=128)
+    assert skipped == 0
+    ids, labels = items[0]["input_ids"], items[0]["labels"]
+    n_prompt = len(tok(D.render_prompt(tok, examples[0].messages),
+                       add_special_tokens=False)["input_ids"])
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert all(label != -100 for label in labels[n_prompt:])
+    assert labels[n_prompt:] == ids[n_prompt:]
+    response = tok.decode(ids[n_prompt:])
+    assert response == "Paris.<|im_end|>\n" and tok.eos_token_id in ids[n_prompt:]
+    assert tok.decode(ids) == D.format_for_reward(tok, examples[0].messages, "Paris.")
+    assert tok.bos_token_id not in ids  # no special tokens added on top of the template
+
+
+def test_tokenize_sft_truncates_the_response(tok):
+    examples = [D.SFTExample([user("Q")], "x" * 100, 0)]
+    items, _ = D.tokenize_sft(tok, examples, max_prompt_len=32, max_len=40)
+    assert len(items[0]["input_ids"]) == 40 == len(items[0]["labels"])
+
+
+def test_prompt_too_long(tok):
+    train, _, _ = D.load_examples(cfg("sft.jsonl"), "sft")
+    # Prompt lengths are 49, 39, 52, 57, 52 tokens (19 of them from the template).
+    with pytest.raises(D.DataError) as err:
+        D.tokenize_sft(tok, train, max_prompt_len=50, max_len=128, source="sft.jsonl")
+    assert str(err.value) == "sft.jsonl: row 2: prompt is 52 tokens, over max_prompt_len=50"
+    items, skipped = D.tokenize_sft(tok, train, 50, 128, on_bad_row="skip", source="sft.jsonl")
+    # Replies are "Paris." and "7", each followed by "<|im_end|>\n" (2 tokens).
+    assert skipped == 3 and [len(it["labels"]) for it in items] == [49 + 8, 39 + 3]
+
+
+def test_tokenize_preference(tok):
+    train, _, _ = D.load_examples(cfg("hh.jsonl"), "preference")
+    items, skipped = D.tokenize_preference(tok, train, max_prompt_len=400, max_len=420)
+    assert skipped == 0 and len(items) == 4
+    for ex, item in zip(train, items, strict=True):
+        prompt = tok(D.render_prompt(tok, ex.messages), add_special_tokens=False)["input_ids"]
+        assert item["chosen_ids"][: len(prompt)] == prompt == item["rejected_ids"][: len(prompt)]
+        assert len(item["chosen_ids"]) <= 420 and len(item["rejected_ids"]) <= 420
+    assert tok.decode(items[0]["rejected_ids"]).endswith("Put it in the freezer.<|im_end|>\n")
+
+
+def test_tokenize_prompts(tok):
+    train, _, _ = D.load_examples(cfg("prompts.csv"), "prompt")
+    # The template adds 19 tokens; "Explain, in one line, what a CPU does." has 38 characters.
+    items, skipped = D.tokenize_prompts(tok, train, max_prompt_len=50, on_bad_row="skip")
+    assert skipped == 1
+    assert [it["row"] for it in items] == [0, 2, 3]
+    text = "<|im_start|>user\n007<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(items[1]["input_ids"]) == text
+    assert items[1]["messages"] == [user("007")]
+
+
+# ----------------------------------------------------------------------- packing/collation
+def test_pack_sft():
+    items = [{"input_ids": [1] * n, "labels": [-100] + [2] * (n - 1)} for n in (4, 3, 5, 2)]
+    packed = D.pack_sft(items, max_len=8)
+    assert [len(p["input_ids"]) for p in packed] == [7, 7]
+    assert packed[0]["labels"] == [-100, 2, 2, 2, -100, 2, 2]
+    with pytest.raises(ValueError):
+        D.pack_sft(items, max_len=4)
+
+
+def test_collate_sft():
+    items = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    batch = D.collate_sft(items, pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["input_ids"].dtype == torch.long
+
+
+def test_collate_preference_chosen_then_rejected():
+    items = [{"chosen_ids": [1, 2], "rejected_ids": [1, 3, 3]},
+             {"chosen_ids": [4], "rejected_ids": [4, 5]}]
+    batch = D.collate_preference(items, pad_id=9)
+    assert batch["input_ids"].tolist() == [[1, 2, 9], [4, 9, 9], [1, 3, 3], [4, 5, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1], [1, 1, 0]]
+
+
+def test_left_pad():
+    ids, mask = D.left_pad([[1, 2, 3], [4]], pad_id=0)
+    assert ids.tolist() == [[1, 2, 3], [0, 0, 4]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    with pytest.raises(ValueError):
+        D.left_pad([], pad_id=0)
+
+
+def test_end_to_end_sft_batch(tok):
+    train, _, _ = D.load_examples(cfg("chat.jsonl"), "sft")
+    items, _ = D.tokenize_sft(tok, train, max_prompt_len=100, max_len=200)
+    batch = D.collate_sft(items, tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == (3, max(map(len, (
+        it["input_ids"] for it in items))))
+    pad = batch["attention_mask"] == 0
+    assert (batch["input_ids"][pad] == tok.pad_token_id).all()
+    assert (batch["labels"][pad] == -100).all()

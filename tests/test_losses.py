@@ -1,0 +1,255 @@
+"""Hand-computed checks of the APA / PPO / AWR / value losses in apactl.rl.losses."""
+
+import inspect
+import math
+
+import pytest
+import torch
+
+from apactl.rl.losses import (
+    apa_loss,
+    awr_loss,
+    entropy_from_logits,
+    logprobs_from_logits,
+    ppo_loss,
+    value_loss,
+)
+
+
+def leaf(values):
+    return torch.tensor(values, dtype=torch.float64, requires_grad=True)
+
+
+def t(values):
+    return torch.tensor(values, dtype=torch.float64)
+
+
+ONES3 = t([[1.0, 1.0, 1.0]])
+
+
+# ----------------------------------------------------------------------------- APA
+
+
+def test_apa_value_and_gradient_by_hand():
+    logp = leaf([[-1.0, -2.0, -0.5]])
+    anchor = t([[-1.2, -1.5, -0.5]])
+    adv = t([[0.01, -0.02, 0.0]])
+    # target = A / lam = [0.1, -0.2, 0.0]; log_ratio = logp - anchor = [0.2, -0.5, 0.0]
+    # residual = [0.1, -0.3, 0.0]; loss = (0.01 + 0.09 + 0) / 3 = 0.0333...
+    loss, stats = apa_loss(logp, anchor, adv, ONES3, lam=0.1)
+    assert loss.item() == pytest.approx(0.1 / 3)
+    assert stats["policy/apa_target_mean"] == pytest.approx(-0.1 / 3)
+    assert stats["policy/log_ratio_mean"] == pytest.approx(-0.3 / 3)
+    assert isinstance(stats["policy/loss"], float)
+    loss.backward()
+    # d/dlogp = 2 * residual / 3 = [0.0667, -0.2, 0]: descent lowers logp where it overshoots
+    # the target and raises it where it undershoots.
+    assert torch.allclose(logp.grad, t([[0.2 / 3, -0.2, 0.0]]))
+    assert logp.grad[0, 0] > 0 and logp.grad[0, 1] < 0
+
+
+def test_apa_zero_loss_and_gradient_at_target():
+    anchor = t([[-1.0, -2.0], [-0.3, -4.0]])
+    adv = t([[0.05, -0.1], [0.2, 0.0]])
+    logp = (anchor + adv / 0.1).detach().requires_grad_(True)
+    loss, _ = apa_loss(logp, anchor, adv, torch.ones(2, 2, dtype=torch.float64), lam=0.1)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.count_nonzero(logp.grad) == 0
+
+
+def test_apa_only_sees_its_anchor_not_old_logprobs():
+    assert "old_logprobs" not in inspect.signature(apa_loss).parameters
+    logp, anchor, adv = t([[-1.0, -2.0, -0.5]]), t([[-1.2, -1.5, -0.5]]), t([[0.3, -0.2, 0.1]])
+    old_a, old_b = t([[-1.0, -1.0, -1.0]]), t([[-3.0, -0.1, -2.0]])
+    # Rollout-policy log-probs may change between epochs; APA's value must not.
+    apa_a, _ = apa_loss(logp, anchor, adv, ONES3)
+    apa_b, _ = apa_loss(logp, anchor, adv, ONES3)
+    assert apa_a.item() == apa_b.item()
+    # Contrast: PPO does depend on them.
+    ppo_a, ppo_b = ppo_loss(logp, old_a, adv, ONES3)[0], ppo_loss(logp, old_b, adv, ONES3)[0]
+    assert ppo_a.item() != ppo_b.item()
+
+
+def test_apa_detaches_anchor_and_advantages():
+    logp, anchor, adv = leaf([[-1.0, -2.0]]), leaf([[-1.1, -1.9]]), leaf([[0.1, 0.2]])
+    apa_loss(logp, anchor, adv, torch.ones(1, 2, dtype=torch.float64))[0].backward()
+    assert anchor.grad is None and adv.grad is None and logp.grad is not None
+
+
+# ----------------------------------------------------------------------------- PPO
+
+
+def test_ppo_clipping_binding_side():
+    old = t([[-1.0, -1.0, -1.0]])
+    logp = (old + t([[math.log(1.5), math.log(0.5), math.log(1.1)]])).requires_grad_(True)
+    adv = t([[1.0, -1.0, 2.0]])
+    # tok0: rho=1.5, A=+1: unclipped 1.5, clipped 1.2 -> min 1.2 (clipped binds, grad 0)
+    # tok1: rho=0.5, A=-1: unclipped -0.5, clipped -0.8 -> min -0.8 (clipped binds, grad 0)
+    # tok2: rho=1.1, A=+2: both 2.2 -> in range, grad = -rho * A / 3 = -2.2 / 3
+    # loss = -(1.2 - 0.8 + 2.2) / 3 = -2.6 / 3
+    loss, stats = ppo_loss(logp, old, adv, ONES3, clip_eps=0.2)
+    assert loss.item() == pytest.approx(-2.6 / 3)
+    assert stats["policy/clip_frac"] == pytest.approx(2 / 3)
+    assert stats["policy/ratio_mean"] == pytest.approx((1.5 + 0.5 + 1.1) / 3)
+    # approx_kl = 0.5 * mean(log_ratio^2)
+    kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3
+    assert stats["policy/approx_kl"] == pytest.approx(kl)
+    loss.backward()
+    assert logp.grad[0, 0] == 0.0 and logp.grad[0, 1] == 0.0
+    assert logp.grad[0, 2].item() == pytest.approx(-2.2 / 3)
+
+
+def test_ppo_clipping_non_binding_side():
+    old = t([[-1.0, -1.0]])
+    logp = (old + t([[math.log(1.5), math.log(0.5)]])).requires_grad_(True)
+    adv = t([[-1.0, 1.0]])
+    # tok0: rho=1.5, A=-1: unclipped -1.5 < clipped -1.2 -> unclipped active, grad nonzero
+    # tok1: rho=0.5, A=+1: unclipped 0.5 < clipped 0.8 -> unclipped active, grad nonzero
+    # loss = -(-1.5 + 0.5) / 2 = 0.5; grad = -rho * A / 2 = [0.75, -0.25]
+    loss, stats = ppo_loss(logp, old, adv, torch.ones(1, 2, dtype=torch.float64), clip_eps=0.2)
+    assert loss.item() == pytest.approx(0.5)
+    assert stats["policy/clip_frac"] == 0.0
+    loss.backward()
+    assert torch.allclose(logp.grad, t([[0.75, -0.25]]))
+
+
+def test_ppo_gradient_sign_in_range():
+    old = t([[-1.0, -1.0]])
+    logp = old.clone().requires_grad_(True)
+    # rho = 1: grad = -A / 2 -> descent raises logp of positive-advantage tokens.
+    ppo_loss(logp, old, t([[2.0, -2.0]]), torch.ones(1, 2, dtype=torch.float64))[0].backward()
+    assert torch.allclose(logp.grad, t([[-1.0, 1.0]]))
+
+
+# ----------------------------------------------------------------------------- AWR
+
+
+def test_awr_value_weights_and_clamp():
+    logp = leaf([[-1.0, -2.0, -0.5]])
+    adv = leaf([[0.0, 0.1, 1.0]])
+    # A / lam = [0, 0.2, 2]; exp -> [1, 1.221403, 7.389] -> clamp at 1.5 -> [1, 1.221403, 1.5]
+    # loss = -(1 * -1 + 1.221403 * -2 + 1.5 * -0.5) / 3 = 4.192806 / 3 = 1.397602
+    loss, stats = awr_loss(logp, adv, ONES3, lam=0.5, max_weight=1.5)
+    w1 = math.exp(0.2)
+    assert loss.item() == pytest.approx((1 + 2 * w1 + 0.75) / 3)
+    assert stats["policy/awr_weight_mean"] == pytest.approx((1 + w1 + 1.5) / 3)
+    assert stats["policy/awr_weight_clip_frac"] == pytest.approx(1 / 3)
+    loss.backward()
+    # grad = -w / 3: always negative, so descent raises every sampled token's log-prob.
+    assert torch.allclose(logp.grad, t([[-1 / 3, -w1 / 3, -0.5]]))
+    assert adv.grad is None
+
+
+def test_awr_huge_advantage_does_not_overflow():
+    logp = leaf([[-1.0]])
+    loss, _ = awr_loss(logp, t([[1e6]]), t([[1.0]]), lam=0.01, max_weight=20.0)
+    assert loss.item() == pytest.approx(20.0)
+
+
+# ----------------------------------------------------------------------------- value
+
+
+def test_value_loss_unclipped():
+    values = leaf([[1.0, 2.0, 0.5]])
+    returns = t([[1.5, 1.0, 0.5]])
+    # 0.5 * mean([0.25, 1.0, 0.0]) = 0.5 * 1.25 / 3 = 0.208333
+    loss, stats = value_loss(values, t([[0.0, 0.0, 0.0]]), returns, ONES3, clip=None)
+    assert loss.item() == pytest.approx(1.25 / 6)
+    assert "value/clip_frac" not in stats
+    loss.backward()
+    # grad = (V - R) / 3 = [-0.5, 1.0, 0.0] / 3
+    assert torch.allclose(values.grad, t([[-0.5, 1.0, 0.0]]) / 3)
+
+
+def test_value_loss_clipped():
+    values = leaf([[1.0, 2.0, 0.5]])
+    old = t([[1.1, 1.0, 0.0]])
+    returns = t([[1.5, 1.0, 0.5]])
+    # V - old = [-0.1, 1.0, 0.5] -> clamp(+-0.2) = [-0.1, 0.2, 0.2] -> V_clip = [1.0, 1.2, 0.2]
+    # err^2 = [0.25, 1.0, 0.0]; err_clip^2 = [0.25, 0.04, 0.09]; max = [0.25, 1.0, 0.09]
+    # loss = 0.5 * 1.34 / 3 = 0.223333; only tok2 has the clipped error strictly larger.
+    loss, stats = value_loss(values, old, returns, ONES3, clip=0.2)
+    assert loss.item() == pytest.approx(0.5 * 1.34 / 3)
+    assert stats["value/clip_frac"] == pytest.approx(1 / 3)
+    loss.backward()
+    # tok0: V_clip == V, grad (V-R)/3 = -0.5/3; tok1: unclipped binds, 1.0/3;
+    # tok2: clipped binds and V_clip is saturated -> grad 0.
+    assert torch.allclose(values.grad, t([[-0.5 / 3, 1.0 / 3, 0.0]]))
+
+
+# ----------------------------------------------------------------------------- padding
+
+
+MASK = t([[1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]])
+
+
+def _inputs(pad_value):
+    base = {
+        "logp": [[-1.0, -2.0, -0.5, 0.0], [-0.3, -1.2, 0.0, 0.0]],
+        "anchor": [[-1.1, -1.8, -0.7, 0.0], [-0.2, -1.0, 0.0, 0.0]],
+        "adv": [[0.05, -0.1, 0.3, 0.0], [-0.2, 0.15, 0.0, 0.0]],
+        "ret": [[0.5, 0.1, -0.2, 0.0], [1.0, 0.3, 0.0, 0.0]],
+    }
+    out = {}
+    for name, rows in base.items():
+        x = t(rows)
+        out[name] = torch.where(MASK.bool(), x, torch.full_like(x, pad_value))
+    return out
+
+
+LOSSES = {
+    "apa": lambda d, p: apa_loss(p, d["anchor"], d["adv"], MASK),
+    "ppo": lambda d, p: ppo_loss(p, d["anchor"], d["adv"] * 10, MASK),
+    "awr": lambda d, p: awr_loss(p, d["adv"], MASK, lam=0.1, max_weight=1.5),
+    "value": lambda d, p: value_loss(p, d["anchor"], d["ret"], MASK),
+    "value_clip": lambda d, p: value_loss(p, d["anchor"], d["ret"], MASK, clip=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+@pytest.mark.parametrize("pad_value", [1e4, -1e4, float("inf"), float("-inf")])
+def test_padding_is_excluded(name, pad_value):
+    results = []
+    for inputs in (_inputs(0.0), _inputs(pad_value)):
+        logp = inputs["logp"].clone().requires_grad_(True)
+        loss, stats = LOSSES[name](inputs, logp)
+        loss.backward()
+        results.append((loss.item(), logp.grad, stats))
+    (loss_a, grad_a, stats_a), (loss_b, grad_b, stats_b) = results
+    assert loss_a == pytest.approx(loss_b)
+    assert stats_a == pytest.approx(stats_b)
+    assert torch.equal(grad_a, grad_b)
+    assert torch.count_nonzero(grad_b[~MASK.bool()]) == 0
+    assert torch.count_nonzero(grad_b[MASK.bool()]) > 0
+
+
+def test_loss_is_token_level_mean():
+    # Row 0 has 3 valid tokens, row 1 has 1: token mean = (1 + 1 + 1 + 4) / 4 = 1.75,
+    # not the mean of per-row means ((1 + 4) / 2 = 2.5).
+    values = t([[1.0, 1.0, 1.0, 0.0], [2.0, 0.0, 0.0, 0.0]])
+    mask = t([[1.0, 1.0, 1.0, 0.0], [1.0, 0.0, 0.0, 0.0]])
+    loss, _ = value_loss(values * math.sqrt(2), values * 0, values * 0, mask)
+    # err^2 = 2 * v^2 = [2, 2, 2 | 8]; 0.5 * mean = 0.5 * 14 / 4 = 1.75
+    assert loss.item() == pytest.approx(1.75)
+
+
+# ----------------------------------------------------------------------------- logits helpers
+
+
+def test_entropy_and_logprobs_from_logits():
+    logits = torch.zeros(2, 3, 4)
+    labels = torch.tensor([[0, 1, 2], [3, 0, 1]])
+    # Uniform over 4 tokens: entropy = log 4, every log-prob = -log 4.
+    assert torch.allclose(entropy_from_logits(logits), torch.full((2, 3), math.log(4)))
+    assert torch.allclose(logprobs_from_logits(logits, labels), torch.full((2, 3), -math.log(4)))
+
+
+def test_logprobs_from_logits_temperature():
+    logits = torch.tensor([[[0.0, math.log(2.0)]]])
+    # T=1: probs [1/3, 2/3]; T=2: logits/2 = [0, 0.5 log 2] -> probs [1, sqrt2] / (1 + sqrt2)
+    assert logprobs_from_logits(logits, torch.tensor([[1]])).item() == pytest.approx(
+        math.log(2 / 3), rel=1e-6
+    )
+    got = logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0).item()
+    assert got == pytest.approx(-math.log(1 + math.sqrt(2)), rel=1e-6)
