@@ -140,6 +140,30 @@ def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
     guarded(go)
 
 
+JUDGE_OPT = typer.Option(None, "--judge", help="Keep only this judge of the recipe (repeatable); "
+                         "a registered judge that needs no path is added if the recipe lacks it.",
+                         show_default=False)
+
+
+@app.command("eval")
+def eval_cmd(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
+             judge: list[str] = JUDGE_OPT) -> None:
+    """Compare policies (and their checkpoints) with a baseline: judge scores, win rates and KL,
+    with bootstrap intervals, report.md/report.json/samples.jsonl and plots.
+
+    Example: apactl eval recipes/eval/smollm2-135m.yaml --judge sentiment data.eval_rows=64
+    """
+    def go():
+        r = _load(recipe, overrides, "eval")
+        if judge:
+            r = r.with_judges(judge)
+        from apactl.workflows.evaluate import run_eval
+
+        run_eval(r)
+
+    guarded(go)
+
+
 @recipe_app.command("validate")
 def recipe_validate(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
     """Check a recipe without loading any model; exit 2 listing every problem.

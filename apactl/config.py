@@ -73,6 +73,7 @@ class DataConfig(Section):
     # auto: detect from the columns of the first row.
     format: Literal["auto", "sft", "chat", "preference", "hh", "prompt"] = "auto"
     fields: FieldMap = Field(default_factory=FieldMap)
+    skip_rows: NonNegInt = 0  # drop the first N source rows (e.g. the rows an RM trained on)
     max_rows: PositiveInt | None = None
     # Held-out split: a named split, a fraction, or a count of rows taken from the end.
     eval_split: str | None = None
@@ -81,6 +82,9 @@ class DataConfig(Section):
     max_prompt_len: PositiveInt = 256
     max_len: PositiveInt = 512
     on_bad_row: Literal["error", "skip"] = "error"
+    # Prompts over max_prompt_len: "error" (a bad row) or "drop_turns" (drop the oldest dialogue
+    # turns until it fits; the final user turn is kept).
+    truncate_prompt: Literal["error", "drop_turns"] = "error"
     packing: bool = False
 
     @model_validator(mode="after")
@@ -116,6 +120,8 @@ class TrainConfig(Section):
     keep_checkpoints: PositiveInt = 2
     freeze_bottom_layers: NonNegInt = 0
     eval_batch_size: PositiveInt | None = None
+    # Batch examples of similar length (within windows of 50 batches): less padding, same data.
+    group_by_length: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -324,8 +330,10 @@ class AlignRecipe(RecipeBase):
 # ------------------------------------------------------------------------------------- eval
 class PolicySpec(Section):
     name: str
+    # An HF model folder, an apactl run folder (its final/policy), an alias or a hub id. Existence
+    # is checked when `apactl eval` runs, not by `recipe validate` (see _path_fields).
     path: str
-    checkpoints: bool = False  # evaluate every checkpoint of a run folder too
+    checkpoints: bool = False  # evaluate every checkpoint of a run folder too (as name@step)
 
 
 class JudgeSpec(Section):
@@ -333,7 +341,7 @@ class JudgeSpec(Section):
     path: str | None = None  # reward-model folder
     args: dict[str, Any] = Field(default_factory=dict)
     label: str | None = None  # column name in reports; default: name
-    normalize: bool = False
+    normalize: bool = False  # reward models: use the mean/std saved by `apactl rm`
 
     @model_validator(mode="after")
     def _check(self) -> JudgeSpec:
@@ -342,22 +350,73 @@ class JudgeSpec(Section):
         check_judge(self.name, self.path)
         return self
 
+    @property
+    def key(self) -> str:
+        """The judge's column name in reports."""
+        return self.label or self.name
+
 
 class EvalConfig(Section):
     samples_per_prompt: PositiveInt = 1
-    bootstrap: PositiveInt = 1000
-    batch_size: PositiveInt = 16
+    bootstrap: PositiveInt = 1000  # bootstrap resamples (over prompts) per interval
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    batch_size: PositiveInt = 16  # sequences per generation / scoring chunk
     plots: bool = True
 
 
 class EvalRecipe(RecipeBase):
     kind: Literal["eval"] = "eval"
     policies: list[PolicySpec] = Field(min_length=1)
-    baseline: PolicySpec | None = None  # default: the first policy's initial policy
+    # Also the reference of the KL. Default: the initial policy of the first policy that is an
+    # apactl run folder (policy.name_or_path in its recipe.yaml).
+    baseline: PolicySpec | None = None
+    # Held-out prompts: with eval_rows/eval_fraction/eval_split set, the held-out rows; else all
+    # rows (up to max_rows).
     data: DataConfig
     judges: list[JudgeSpec] = Field(min_length=1)
     generation: GenerationConfig = Field(default_factory=GenerationConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _names(self) -> EvalRecipe:
+        names = [p.name for p in self.policies] + ([self.baseline.name] if self.baseline else [])
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"policy names must be unique (the baseline's too): "
+                             f"{', '.join(repeated)}")
+        if any("@" in n for n in names):
+            raise ValueError("policy names cannot contain '@' (it marks checkpoints: name@step)")
+        keys = [j.key for j in self.judges]
+        repeated = sorted({k for k in keys if keys.count(k) > 1})
+        if repeated:
+            raise ValueError(f"judge names must be unique; set judges[].label to tell "
+                             f"{', '.join(repeated)} apart")
+        if self.baseline is not None and self.baseline.checkpoints:
+            raise ValueError("baseline.checkpoints: the baseline is one model; list the run "
+                             "under policies to evaluate its checkpoints")
+        return self
+
+    def with_judges(self, names: list[str]) -> EvalRecipe:
+        """``--judge`` on the command line: keep the recipe's judges named (or labelled) in
+        ``names``; add a registered judge the recipe lacks if it needs no path."""
+        from apactl.judges import JUDGES, available
+
+        kept: list[JudgeSpec] = []
+        problems = []
+        for name in dict.fromkeys(names):
+            found = [j for j in self.judges if name in (j.name, j.label)]
+            if found:
+                kept += [j for j in found if j not in kept]
+            elif name not in JUDGES:
+                problems.append(f"--judge {name}: unknown judge; available judges: {available()}")
+            elif JUDGES[name].needs_path:
+                problems.append(f"--judge {name}: this judge needs a path; add it to the "
+                                f"recipe's judges with a path")
+            else:
+                kept.append(JudgeSpec(name=name))
+        if problems:
+            raise RecipeError(problems)
+        return self.model_copy(update={"judges": kept})
 
 
 RECIPES: dict[str, type[RecipeBase]] = {
@@ -418,8 +477,9 @@ def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
     try:
         merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
         data = OmegaConf.to_container(merged, resolve=True)
-    except OmegaConfBaseException as exc:
-        raise RecipeError([f"recipe: {str(exc).splitlines()[0]}"]) from None
+    except (OmegaConfBaseException, TypeError, ValueError) as exc:
+        # e.g. a list index into a mapping (policies.0.path=...) raises TypeError in OmegaConf.
+        raise RecipeError([f"override: {str(exc).splitlines()[0]}"]) from None
     if not isinstance(data, dict):
         raise RecipeError([f"recipe: {p} must be a mapping at the top level"])
     return data
@@ -476,11 +536,15 @@ def resolve_source(ref: str) -> str:
 
 def looks_local(ref: str) -> bool:
     """A reference is a local path if it exists, starts like a path or has a file suffix."""
+    parts = Path(ref).parts
     return (
         ref.startswith(BUILTIN)
         or Path(ref).exists()
         or ref.startswith((".", "/", "~"))
         or ref.endswith(_LOCAL_SUFFIXES)
+        # Hub ids are "owner/name": deeper paths, or our own run folders, are local.
+        or len(parts) > 2
+        or (len(parts) > 1 and (parts[0] == "apactl-runs" or Path(parts[0]).is_dir()))
     )
 
 
@@ -510,7 +574,11 @@ def _path_fields(recipe: RecipeBase) -> list[tuple[str, str | None]]:
     if isinstance(recipe, AlignRecipe) and recipe.reward.name_or_path:
         out.append(("reward.name_or_path", recipe.reward.name_or_path))
     if isinstance(recipe, EvalRecipe):
-        out += [(f"policies.{i}.path", p.path) for i, p in enumerate(recipe.policies)]
+        # Eval policies are usually run folders that other commands create first (apactl align),
+        # so a shipped eval recipe must validate before they exist: `apactl eval` checks
+        # policies.N.path when it runs. The baseline and judge paths are checked here.
+        if recipe.baseline is not None:
+            out.append(("baseline.path", recipe.baseline.path))
         out += [(f"judges.{i}.path", j.path) for i, j in enumerate(recipe.judges)]
     return out
 

@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -423,7 +423,8 @@ def load_examples(cfg: DataConfig, kind: Kind) -> tuple[list[Example], list[Exam
     rows (bad rows among them are skipped, so n_eval can be smaller than eval_rows).
     """
     rows, source = load_rows(cfg)
-    rows = rows[: cfg.max_rows]
+    skip = cfg.skip_rows  # row numbers in messages stay source row numbers
+    rows = rows[skip:][: cfg.max_rows]
     if not rows:
         raise DataError(f"{source}: no rows")
     fmt = _resolve_format(cfg, rows[0], source, kind)
@@ -433,13 +434,13 @@ def load_examples(cfg: DataConfig, kind: Kind) -> tuple[list[Example], list[Exam
         eval_rows = eval_rows[: cfg.max_rows]
         # A separate file may have another shape (e.g. prompts to evaluate an SFT run on).
         eval_fmt = _resolve_format(cfg, eval_rows[0], eval_source, kind) if eval_rows else fmt
-        train = _parse_rows(rows, 0, fmt, kind, cfg, source, report)
+        train = _parse_rows(rows, skip, fmt, kind, cfg, source, report)
         held_out = _parse_rows(eval_rows, 0, eval_fmt, kind, cfg, eval_source, report)
         report.total_rows += len(eval_rows)
     else:
         cut = len(rows) - _n_held_out(cfg, len(rows), source)
-        train = _parse_rows(rows[:cut], 0, fmt, kind, cfg, source, report)
-        held_out = _parse_rows(rows[cut:], cut, fmt, kind, cfg, source, report)
+        train = _parse_rows(rows[:cut], skip, fmt, kind, cfg, source, report)
+        held_out = _parse_rows(rows[cut:], skip + cut, fmt, kind, cfg, source, report)
     if not train:
         raise DataError(f"{source}: no valid training rows ({report.n_skipped} skipped, first: "
                         f"{report.skipped[0] if report.skipped else '-'})")
@@ -508,6 +509,36 @@ def _fits(ids: list[int], ex: Example, max_prompt_len: int, on_bad_row: str, sou
     if on_bad_row == "error":
         raise err
     return False
+
+
+def drop_old_turns(tokenizer: Any, examples: Sequence[Example],
+                   max_prompt_len: int) -> list[Example]:
+    """Drop the oldest dialogue turns of prompts over ``max_prompt_len`` tokens.
+
+    A leading system message and the final user turn are always kept; turns go in pairs so the
+    roles still alternate. A prompt that is still too long is left for ``_fits`` to report.
+    """
+    out = []
+    for ex in examples:
+        msgs = list(ex.messages)
+        system = msgs[:1] if msgs and msgs[0].get("role") == "system" else []
+        turns = msgs[len(system):]
+        while len(turns) > 2 and _n_tokens(tokenizer, system + turns) > max_prompt_len:
+            turns = turns[2:]
+        out.append(replace(ex, messages=system + turns) if len(turns) < len(msgs) - len(system)
+                   else ex)
+    return out
+
+
+def fit_prompts(tokenizer: Any, examples: Sequence[Example], cfg: DataConfig) -> list[Example]:
+    """Apply ``cfg.truncate_prompt`` before tokenising."""
+    if cfg.truncate_prompt == "drop_turns":
+        return drop_old_turns(tokenizer, examples, cfg.max_prompt_len)
+    return list(examples)
+
+
+def _n_tokens(tokenizer: Any, messages: Messages) -> int:
+    return len(_encode(tokenizer, [render_prompt(tokenizer, messages)])[0])
 
 
 def tokenize_sft(tokenizer: Any, examples: Sequence[SFTExample], max_prompt_len: int,

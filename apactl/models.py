@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
+from apactl.config import looks_local
+
 if TYPE_CHECKING:
     from apactl.config import LoraConfig, ModelConfig, RunConfig
 
@@ -126,7 +128,7 @@ def resolve_model_ref(ref: str, cache_dir: str | None = None, kind: str = "causa
                 f"(no final/config.json{' or final/policy' if kind == 'causal' else ''})"
             )
         return str(final)
-    if ref.startswith((".", "/", "~")) or path.exists():
+    if looks_local(ref):
         # Hub ids never look like this, so a hub lookup would only produce a confusing error.
         raise ModelError(f"{ref}: model folder not found")
     return ref  # a hub id: from_pretrained resolves (and caches) it

@@ -36,6 +36,14 @@ class SupervisedTask:
     name: str = "train"
     extra_final: Callable[[torch.nn.Module, Path], None] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    _lengths: list[int] | None = None
+
+    def lengths(self) -> list[int]:
+        """Token count of each item (the longest sequence of a preference pair)."""
+        if self._lengths is None:
+            self._lengths = [max(len(v) for v in item.values() if isinstance(v, list))
+                             for item in self.train_items]
+        return self._lengths
 
 
 def steps_per_epoch(n_items: int, train: TrainConfig) -> int:
@@ -48,16 +56,36 @@ def total_steps(n_items: int, train: TrainConfig) -> int:
     return steps_per_epoch(n_items, train) * train.epochs
 
 
-def epoch_order(n_items: int, seed: int, epoch: int) -> torch.Tensor:
+def epoch_order(n_items: int, seed: int, epoch: int, lengths: list[int] | None = None,
+                batch_size: int = 1) -> torch.Tensor:
+    """A permutation of the items, a pure function of (seed, epoch).
+
+    With ``lengths``: items are sorted by length inside windows of 50 batches, cut into
+    batches, and the batches shuffled, so a batch holds similar lengths (less padding).
+    """
     g = torch.Generator().manual_seed(seed * 1000003 + epoch)
-    return torch.randperm(n_items, generator=g)
+    perm = torch.randperm(n_items, generator=g)
+    if lengths is None:
+        return perm
+    window = batch_size * 50
+    chunks = []
+    for i in range(0, n_items, window):
+        part = perm[i:i + window].tolist()
+        part.sort(key=lambda j: lengths[j], reverse=True)
+        chunks += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    full = [c for c in chunks if len(c) == batch_size]
+    rest = [j for c in chunks if len(c) < batch_size for j in c]
+    order = torch.randperm(len(full), generator=g).tolist()
+    return torch.tensor([j for b in order for j in full[b]] + rest, dtype=torch.long)
 
 
-def batch_indices(step: int, n_items: int, train: TrainConfig, seed: int) -> torch.Tensor:
+def batch_indices(step: int, n_items: int, train: TrainConfig, seed: int,
+                  lengths: list[int] | None = None) -> torch.Tensor:
     """Item indices of optimizer step ``step`` (0-based): the data position is the step."""
     spe = steps_per_epoch(n_items, train)
     epoch, within = divmod(step, spe)
-    order = epoch_order(n_items, seed, epoch)
+    order = epoch_order(n_items, seed, epoch, lengths if train.group_by_length else None,
+                        train.batch_size)
     return order[within * train.batch_size:(within + 1) * train.batch_size]
 
 
@@ -109,7 +137,7 @@ def run_supervised(task: SupervisedTask, run: RunConfig, train: TrainConfig,
 
 def _train_step(task, opt, sched, train: TrainConfig, seed: int, step: int) -> dict[str, float]:
     t0 = time.perf_counter()
-    idx = batch_indices(step, len(task.train_items), train, seed)
+    idx = batch_indices(step, len(task.train_items), train, seed, task.lengths())
     micro = train.micro_batch_size
     totals: dict[str, float] = {}
     n_tokens = 0

@@ -32,8 +32,14 @@ def write(tmp_path: Path, data: dict, name: str = "r.yaml") -> str:
 def test_every_shipped_recipe_validates(recipe: Path, monkeypatch):
     monkeypatch.chdir(ROOT)
     res = invoke("recipe", "validate", str(recipe.relative_to(ROOT)))
-    assert res.exit_code == 0, res.output
-    assert "ok:" in res.output
+    if res.exit_code == 2:
+        # Pipeline recipes may name an earlier stage's run folder (apactl-runs/...) that a
+        # fresh clone has not produced yet: that is the only problem allowed.
+        problems = [ln for ln in res.output.splitlines() if ln.startswith("error:")]
+        assert problems and all("file not found: apactl-runs/" in p for p in problems), res.output
+    else:
+        assert res.exit_code == 0, res.output
+        assert "ok:" in res.output
 
 
 def test_help_does_not_import_torch():

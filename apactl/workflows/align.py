@@ -126,12 +126,13 @@ def _resume(out: Path, actors: Actors, opts: Optimizers, kl_ctl) -> tuple[int, S
 
 
 def _tokenized_prompts(recipe: AlignRecipe, tok) -> tuple[list[dict], list[dict]]:
-    from apactl.data import load_examples, tokenize_prompts
+    from apactl.data import fit_prompts, load_examples, tokenize_prompts
 
     d = recipe.data
     train_ex, eval_ex, report = load_examples(d, "prompt")
-    train, s1 = tokenize_prompts(tok, train_ex, d.max_prompt_len, d.on_bad_row, report.source)
-    held, s2 = tokenize_prompts(tok, eval_ex, d.max_prompt_len, d.on_bad_row, report.source)
+    args = (d.max_prompt_len, d.on_bad_row, report.source)
+    train, s1 = tokenize_prompts(tok, fit_prompts(tok, train_ex, d), *args)
+    held, s2 = tokenize_prompts(tok, fit_prompts(tok, eval_ex, d), *args)
     skipped = report.n_skipped + s1 + s2
     console.print(f"data: {report.source}: {len(train)} train / {len(held)} held-out prompts"
                   + (f" ({skipped} bad rows skipped)" if skipped else ""))

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from apactl.config import RMRecipe
-from apactl.data import collate_preference, load_examples, tokenize_preference
+from apactl.data import collate_preference, fit_prompts, load_examples, tokenize_preference
 from apactl.metrics import console
 from apactl.models import load_sequence_classifier, resolve_model_ref, save_model, sequence_scores
 from apactl.reward import REWARD_STATS
@@ -79,8 +79,8 @@ def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, float]:
                                           cfg=recipe.model,
                                           freeze_bottom_layers=tr.freeze_bottom_layers)
     args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
-    train_items, skip_t = tokenize_preference(tok, train_ex, *args)
-    eval_items, skip_e = tokenize_preference(tok, eval_ex, *args)
+    train_items, skip_t = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
+    eval_items, skip_e = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
     _report(report, skip_t + skip_e, len(train_items), len(eval_items))
     collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
                                       rt.device)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from apactl.config import SFTRecipe
-from apactl.data import collate_sft, load_examples, pack_sft, tokenize_sft
+from apactl.data import collate_sft, fit_prompts, load_examples, pack_sft, tokenize_sft
 from apactl.metrics import console
 from apactl.models import load_policy, save_model
 from apactl.runtime import setup_run
@@ -51,10 +51,9 @@ def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, float]:
     train_ex, eval_ex, report = load_examples(d, "sft")
     model, tok = load_policy(recipe.model, rt.device, rt.dtype,
                              freeze_bottom_layers=recipe.train.freeze_bottom_layers)
-    train_items, skip_t = tokenize_sft(tok, train_ex, d.max_prompt_len, d.max_len,
-                                       d.on_bad_row, report.source)
-    eval_items, skip_e = tokenize_sft(tok, eval_ex, d.max_prompt_len, d.max_len,
-                                      d.on_bad_row, report.source)
+    args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
+    train_items, skip_t = tokenize_sft(tok, fit_prompts(tok, train_ex, d), *args)
+    eval_items, skip_e = tokenize_sft(tok, fit_prompts(tok, eval_ex, d), *args)
     _report(report, skip_t + skip_e, len(train_items), len(eval_items))
     if d.packing:
         train_items = pack_sft(train_items, d.max_len)

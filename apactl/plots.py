@@ -1,0 +1,119 @@
+"""PNG plots for ``apactl eval``: the reward/KL frontier and training curves of policy runs.
+
+Figures are built on matplotlib's object API with the Agg canvas, never through pyplot: no GUI
+backend is touched and no global figure state leaks between calls (or into a user's notebook).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+# metrics.jsonl key -> panel title of the training curves.
+CURVES = {
+    "reward/score_mean": "reward (judge score)",
+    "kl/ref_k1": "KL to reference (k1, nats)",
+    "policy/entropy": "entropy (nats/token)",
+    "response/length_mean": "response length (tokens)",
+}
+
+
+def _figure(n_panels: int, ncols: int, size: tuple[float, float] = (5.0, 4.0)):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes
+
+
+def _in_step_order(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(points, key=lambda p: math.inf if p["step"] is None else p["step"])
+
+
+def _frontier_panel(ax, policies: list[dict[str, Any]], judge: str, colors) -> None:
+    """One judge: mean score (CI bars) against KL k1 (SE bars); a run's points joined by step."""
+    base = next(p for p in policies if p["is_baseline"])
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for p in policies:
+        if not p["is_baseline"]:
+            groups.setdefault(p["group"], []).append(p)
+
+    def xy(p):
+        j = p["judges"][judge]
+        yerr = [[j["mean"] - j["ci_lo"]], [j["ci_hi"] - j["mean"]]]
+        se = p["kl"]["k1_se"]
+        return p["kl"]["k1_mean"], j["mean"], (se if math.isfinite(se) else 0.0), yerr
+
+    x, y, xe, ye = xy(base)
+    ax.errorbar([x], [y], xerr=[xe], yerr=ye, fmt="*", ms=14, color="black", capsize=3,
+                label=f"{base['name']} (baseline)")
+    for color, (group, pts) in zip(colors, groups.items()):
+        pts = _in_step_order(pts)
+        # A run that started from the baseline starts its line at the baseline's point.
+        line = ([base] if pts[0].get("init_is_baseline") else []) + pts
+        ax.plot([xy(p)[0] for p in line], [xy(p)[1] for p in line], "-", color=color, alpha=0.6)
+        for p in pts:
+            x, y, xe, ye = xy(p)
+            ax.errorbar([x], [y], xerr=[xe], yerr=ye, fmt="o", color=color, capsize=3, ms=5)
+            tag = p["name"][len(group):] or p["name"]  # "@step" for a checkpoint
+            ax.annotate(tag, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7,
+                        color=color)
+        ax.plot([], [], "o-", color=color, label=group)
+    ax.axvline(0, color="grey", lw=0.5, ls=":")
+    ax.set_xlabel("KL(policy || baseline), k1 nats per response")
+    ax.set_ylabel(f"{judge} mean score")
+    ax.set_title(f"{judge}: score vs KL")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
+def frontier_plot(policies: list[dict[str, Any]], judges: list[str], path: str | Path) -> Path:
+    """``frontier.png``: per judge, each policy's mean score against its KL to the reference.
+
+    ``policies`` are report.json entries (name, group, step, is_baseline, init_is_baseline,
+    kl.k1_mean/k1_se, judges[judge].mean/ci_lo/ci_hi); exactly one has is_baseline.
+    """
+    from matplotlib import colormaps
+
+    fig, axes = _figure(len(judges), min(len(judges), 3))
+    colors = [colormaps["tab10"](i % 10) for i in range(len(policies))]
+    for ax, judge in zip(axes, judges):
+        _frontier_panel(ax, policies, judge, colors)
+    fig.savefig(path)
+    return Path(path)
+
+
+def training_curves_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path | None:
+    """``training_curves.png``: reward, KL, entropy and length per iteration of each run.
+
+    ``runs`` maps a run's name to its metrics.jsonl rows. Returns None (and writes nothing) when
+    no run logged any of the ``CURVES`` keys.
+    """
+    from matplotlib import colormaps
+    from matplotlib.ticker import MaxNLocator
+
+    runs = {k: v for k, v in runs.items() if any(key in r for r in v for key in CURVES)}
+    if not runs:
+        return None
+    fig, axes = _figure(len(CURVES), 2, size=(5.0, 3.4))
+    for i, (name, rows) in enumerate(runs.items()):
+        color = colormaps["tab10"](i % 10)
+        for ax, key in zip(axes, CURVES):
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            if pts:
+                marker = "o" if len(pts) <= 30 else None  # a few points: show where they are
+                ax.plot(*zip(*pts), "-", marker=marker, ms=3, color=color, label=name, lw=1.2)
+    for ax, title in zip(axes, CURVES.values()):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.savefig(path)
+    return Path(path)
