@@ -164,6 +164,44 @@ def eval_cmd(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
     guarded(go)
 
 
+@app.command()
+def label(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+    """Sample responses per prompt and let a judge pick chosen/rejected (preference data).
+
+    Example: apactl label recipes/quickstart/1-label.yaml judge.name=sentiment label.samples=4
+    """
+    def go():
+        r = _load(recipe, overrides, "label")
+        from apactl.workflows.label import run_label
+
+        run_label(r)
+
+    guarded(go)
+
+
+@app.command()
+def quickstart(
+    output: str = typer.Option("apactl-runs/quickstart", "--output", "-o",
+                               help="Folder for every stage's outputs."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model",
+                              help="Base model: an alias, hub id, folder or .gguf file."),
+    fresh: bool = typer.Option(False, "--fresh", help="Redo every stage, even finished ones."),
+    smoke: bool = typer.Option(False, "--smoke", help="Tiny sizes: a seconds-long check of "
+                               "the wiring (use with --model tiny-random)."),
+) -> None:
+    """The whole pipeline offline on a CPU: label -> SFT -> RM -> APA -> eval.
+
+    Runs the shipped recipes/quickstart/*.yaml in order; finished stages are reused.
+    Example: apactl quickstart            (about 15 minutes on 2 CPU cores)
+    """
+    def go():
+        from apactl.workflows.quickstart import run_quickstart
+
+        run_quickstart(output, model=model, fresh=fresh, smoke=smoke)
+
+    guarded(go)
+
+
 @recipe_app.command("validate")
 def recipe_validate(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
     """Check a recipe without loading any model; exit 2 listing every problem.

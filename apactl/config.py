@@ -419,11 +419,31 @@ class EvalRecipe(RecipeBase):
         return self.model_copy(update={"judges": kept})
 
 
+# ------------------------------------------------------------------------------------ label
+class LabelConfig(Section):
+    samples: Annotated[int, Field(ge=2)] = 2  # responses sampled per prompt
+    max_prompts: PositiveInt | None = None  # label at most this many (training) prompts
+    min_margin: NonNegFloat = 0.0  # drop pairs whose best-worst judge gap is <= this
+    batch_size: PositiveInt = 16
+
+
+class LabelRecipe(RecipeBase):
+    """Sample responses from a model and let a judge pick chosen/rejected (RLAIF-style)."""
+
+    kind: Literal["label"] = "label"
+    policy: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig  # prompts; with a held-out split only the training part is labelled
+    judge: JudgeSpec
+    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    label: LabelConfig = Field(default_factory=LabelConfig)
+
+
 RECIPES: dict[str, type[RecipeBase]] = {
     "sft": SFTRecipe,
     "rm": RMRecipe,
     "align": AlignRecipe,
     "eval": EvalRecipe,
+    "label": LabelRecipe,
 }
 
 
@@ -485,7 +505,8 @@ def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
     return data
 
 
-def parse_recipe(data: dict[str, Any], kind: str | None = None) -> RecipeBase:
+def parse_recipe(data: dict[str, Any], kind: str | None = None,
+                 check_files: bool = True) -> RecipeBase:
     """Validate a raw mapping; ``kind`` (the command) must agree with the recipe's ``kind``."""
     rkind = data.get("kind", kind)
     if rkind is None:
@@ -500,16 +521,19 @@ def parse_recipe(data: dict[str, Any], kind: str | None = None) -> RecipeBase:
         recipe = RECIPES[rkind].model_validate(data)
     except ValidationError as err:
         raise RecipeError(_format_errors(err)) from None
-    problems = check_paths(recipe)
+    problems = check_paths(recipe) if check_files else []
     if problems:
         raise RecipeError(problems)
     return recipe
 
 
 def load_recipe(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None
+    path: str | Path, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None,
+    check_files: bool = True,
 ) -> RecipeBase:
-    return parse_recipe(load_raw(path, overrides), kind)
+    """YAML + overrides -> a validated recipe; ``check_files=False`` skips missing-file checks
+    (for pipelines whose later stages read files the earlier stages write)."""
+    return parse_recipe(load_raw(path, overrides), kind, check_files)
 
 
 _LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".gguf", ".txt")
@@ -567,6 +591,9 @@ def _path_fields(recipe: RecipeBase) -> list[tuple[str, str | None]]:
     data = getattr(recipe, "data", None)
     if data is not None:
         out.append(("data.source", data.source))
+    judge = getattr(recipe, "judge", None)
+    if judge is not None and judge.path:
+        out.append(("judge.path", judge.path))
     for section in ("model", "policy"):
         m = getattr(recipe, section, None)
         if m is not None:

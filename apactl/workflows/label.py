@@ -1,0 +1,102 @@
+"""``apactl label``: sample responses per prompt, let a judge rank them (RLAIF-style labels).
+
+Writes ``preferences.jsonl`` ({prompt, chosen, rejected, chosen_score, rejected_score}: the best
+and the worst of ``label.samples`` responses) and ``chosen.jsonl`` ({prompt, response}: the best
+response, for a short SFT stage) into ``run.output_dir``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from apactl.config import LabelRecipe
+from apactl.metrics import Progress, console
+from apactl.runtime import setup_run
+
+PREFERENCES = "preferences.jsonl"
+CHOSEN = "chosen.jsonl"
+
+
+def prompt_field(messages: list[dict]) -> str | list[dict]:
+    """A single user turn is written as plain text, a dialogue as its messages."""
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return messages[0]["content"]
+    return messages
+
+
+def sample_texts(policy, tok, prompts: list[dict], recipe: LabelRecipe, eos: list[int],
+                 device) -> list[str]:
+    """One sampled response (decoded text) per prompt item."""
+    from apactl.data import left_pad
+    from apactl.generation import sample
+
+    ids, mask = left_pad([p["input_ids"] for p in prompts], tok.pad_token_id)
+    resp, rmask = sample(policy, ids.to(device), mask.to(device), recipe.generation, eos,
+                         tok.pad_token_id)
+    rows = [r[: int(m.sum())].tolist() for r, m in zip(resp.cpu(), rmask.cpu())]
+    return tok.batch_decode(rows, skip_special_tokens=True)
+
+
+def label_batch(policy, tok, judge, batch: list[dict], recipe: LabelRecipe, eos, device):
+    """[(item, responses [S], scores [S])] for a batch of prompts."""
+    texts = [sample_texts(policy, tok, batch, recipe, eos, device)
+             for _ in range(recipe.label.samples)]
+    msgs = [p["messages"] for p in batch]
+    scores = [judge.score(msgs, t) for t in texts]
+    return [(item, [t[i] for t in texts], [s[i] for s in scores])
+            for i, item in enumerate(batch)]
+
+
+def run_label(recipe: LabelRecipe, resume: bool = False) -> dict[str, float]:
+    from apactl.data import fit_prompts, load_examples, tokenize_prompts
+    from apactl.generation import eos_ids
+    from apactl.judges import make_judge
+    from apactl.models import load_policy
+
+    rt = setup_run(recipe)
+    policy, tok = load_policy(recipe.policy, rt.device, rt.dtype, trainable=False)
+    j = recipe.judge
+    judge = make_judge(j.name, j.path, {**j.args, **({"normalize": True} if j.normalize else {})},
+                       device=rt.device, dtype=rt.dtype)
+    train, _, report = load_examples(recipe.data, "prompt")
+    d = recipe.data
+    items, _ = tokenize_prompts(tok, fit_prompts(tok, train, d), d.max_prompt_len, d.on_bad_row,
+                                report.source)
+    items = items[: recipe.label.max_prompts]
+    eos, bs = eos_ids(policy, tok), recipe.label.batch_size
+    progress = Progress(len(items), "label", recipe.logging.progress)
+    pairs, chosen, gaps = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(items), bs):
+            for item, texts, scores in label_batch(policy, tok, judge, items[i:i + bs], recipe,
+                                                   eos, rt.device):
+                best, worst = max(range(len(texts)), key=scores.__getitem__), \
+                    min(range(len(texts)), key=scores.__getitem__)
+                gaps.append(scores[best] - scores[worst])
+                prompt = prompt_field(item["messages"])
+                chosen.append({"prompt": prompt, "response": texts[best]})
+                if gaps[-1] > recipe.label.min_margin and texts[best].strip() \
+                        and texts[worst].strip():
+                    pairs.append({"prompt": prompt, "chosen": texts[best],
+                                  "rejected": texts[worst], "chosen_score": scores[best],
+                                  "rejected_score": scores[worst]})
+            progress.update(len(items[i:i + bs]), pairs=len(pairs))
+    progress.close()
+    out = rt.output_dir
+    _write_jsonl(out / PREFERENCES, pairs)
+    _write_jsonl(out / CHOSEN, chosen)
+    stats = {"label/prompts": len(items), "label/pairs": len(pairs),
+             "label/mean_gap": sum(gaps) / max(len(gaps), 1)}
+    (out / "label_stats.json").write_text(json.dumps(stats, indent=2))
+    console.print(f"[green]label done[/]: {len(pairs)} pairs from {len(items)} prompts "
+                  f"(judge {j.name}) -> {out / PREFERENCES}")
+    return stats
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    tmp.replace(path)  # never a half-written dataset
