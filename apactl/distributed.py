@@ -1,0 +1,100 @@
+"""Data parallelism on torch.distributed (gloo on CPU, NCCL on GPUs), set up by Accelerate.
+
+``accelerate launch`` and ``torchrun`` both start N copies of ``apactl``; Accelerate's
+``PartialState`` joins them into one process group. Every rank holds the whole model, works on its
+share of each batch, and gradients are averaged with one flat all-reduce per optimizer step, so
+N ranks with micro-batches of size m compute the same update as 1 rank accumulating N micro-batches
+of size m. Metrics are averaged over ranks; only rank 0 writes files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.enabled:
+            torch.distributed.barrier()
+
+    def all_reduce_grads(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Average the gradients of ``params`` over ranks (one flat buffer: one message)."""
+        if not self.enabled:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def mean_dict(self, stats: dict[str, float]) -> dict[str, float]:
+        """Average float metrics over ranks (every rank must pass the same keys)."""
+        if not self.enabled or not stats:
+            return stats
+        keys = sorted(stats)
+        t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return dict(zip(keys, (t / self.world_size).tolist()))
+
+    def sum_scalar(self, value: float) -> float:
+        if not self.enabled:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+
+    def gather_objects(self, obj) -> list:
+        """Every rank's ``obj`` (picklable), in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def shard(self, items: list) -> list:
+        """This rank's items of a global list: every world_size-th, starting at the rank."""
+        return items[self.rank::self.world_size]
+
+
+def init_dist(device_pref: str) -> tuple[Dist, torch.device | None]:
+    """Join the process group when launched by accelerate/torchrun; else a 1-process Dist.
+
+    Returns the device this rank should use when distributed (``cuda:<local_rank>``), or None to
+    let the recipe's ``run.device`` decide.
+    """
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device_pref == "cpu")
+    if state.num_processes <= 1:
+        return Dist(), None
+    dist = Dist(state.process_index, state.num_processes, state.local_process_index)
+    device = state.device if state.device.type != "cpu" else torch.device("cpu")
+    return dist, device
