@@ -3,12 +3,19 @@
 It parses arguments, loads and validates the recipe, and hands it to one ``run_*`` workflow.
 torch and transformers are imported lazily inside the commands so ``apactl --help`` is instant.
 User errors (recipe, data, model) print one line per problem and exit 2, without a traceback.
+
+Under ``torchrun``/``accelerate launch`` every rank runs this same CLI. A failing rank must bring
+the job down at once with its error printed once: the first rank to fail prints it (prefixed
+``[rank r]``) and every failing rank leaves with ``os._exit``, skipping the interpreter's teardown
+(which could wait on peers stuck in a collective); the launcher then stops the other ranks.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -58,17 +65,49 @@ def guarded(fn: Callable[[], Any]) -> Any:
     try:
         return fn()
     except RecipeError as exc:
-        for p in exc.problems:
-            _err(p)
-        raise typer.Exit(EXIT_USER_ERROR) from None
+        _fail(exc.problems, EXIT_USER_ERROR)
     except KeyboardInterrupt:
-        _err("interrupted")
-        raise typer.Exit(130) from None
+        _fail(["interrupted"], 130)
     except Exception as exc:
         if isinstance(exc, user_errors()):
-            _err(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-            raise typer.Exit(EXIT_USER_ERROR) from None
-        raise
+            _fail([str(exc).splitlines()[0] if str(exc) else type(exc).__name__],
+                  EXIT_USER_ERROR)
+        if _rank() is None:
+            raise
+        _fail(None, 1)
+
+
+def _rank() -> int | None:
+    """This process's rank when it is part of a process group, else None (torch stays unloaded
+    when no command imported it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.distributed.is_available():
+        return None
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else None
+
+
+def _fail(problems: list[str] | None, code: int) -> None:
+    """Print ``problems`` (None: the current traceback) and exit with ``code``."""
+    rank = _rank()
+    if rank is None:
+        if os.environ.get("RANK", "0") != "0":
+            # Launched, but failing before the group formed (a bad recipe): every rank reads
+            # the same recipe and fails the same way, so rank 0 alone reports it.
+            raise typer.Exit(code)
+        for p in problems or []:
+            _err(p)
+        raise typer.Exit(code)
+    from apactl.distributed import claim_error_report
+
+    if claim_error_report():
+        if problems is None:
+            lines = traceback.format_exc().rstrip().splitlines()
+            typer.echo("\n".join(f"[rank {rank}] {ln}" for ln in lines), err=True)
+        for p in problems or []:
+            typer.echo(f"[rank {rank}] error: {p}", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _load(path: str, overrides: list[str] | None, kind: str | None):
@@ -202,19 +241,30 @@ def quickstart(
     guarded(go)
 
 
+WORLD_SIZE_OPT = typer.Option(1, "--world-size", min=1, help="Check the batch arithmetic for "
+                              "this many data-parallel processes and print the per-rank numbers.")
+
+
 @recipe_app.command("validate")
-def recipe_validate(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> None:
+def recipe_validate(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
+                    world_size: int = WORLD_SIZE_OPT) -> None:
     """Check a recipe without loading any model; exit 2 listing every problem.
 
-    Example: apactl recipe validate recipes/align/smollm2-135m-apa.yaml train.minibatch_size=5
+    Example: apactl recipe validate recipes/align/smollm2-135m-apa.yaml --world-size 4
     """
     def go():
         r = _load(recipe, overrides, None)
-        typer.echo(f"ok: {recipe} is a valid {r.kind} recipe")
         derived = getattr(getattr(r, "train", None), "derived", None)
+        numbers = {}
         if callable(derived):
-            for k, v in derived().items():
-                typer.echo(f"  {k}: {v}")
+            try:
+                numbers = derived(world_size)
+            except ValueError as exc:
+                raise RecipeError([str(exc)]) from None
+        typer.echo(f"ok: {recipe} is a valid {r.kind} recipe"
+                   + (f" for {world_size} processes" if world_size > 1 else ""))
+        for k, v in numbers.items():
+            typer.echo(f"  {k}: {v}")
 
     guarded(go)
 

@@ -33,6 +33,11 @@ class RunConfig(Section):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     num_threads: PositiveInt | None = None
     deterministic: bool = False
+    # Seconds a rank waits in a collective (all-reduce, barrier) before the job fails. It only
+    # bounds a hang when the launcher does not tear the job down itself (torchrun and accelerate
+    # launch do, as soon as one rank exits non-zero); long enough for rank 0 to save a
+    # checkpoint while the others wait.
+    dist_timeout_s: PositiveInt = 600
 
 
 # ------------------------------------------------------------------------------------- model
@@ -138,6 +143,30 @@ class TrainConfig(Section):
     def micro_batch_size(self) -> int:
         return self.batch_size // self.grad_accum
 
+    def check_world_size(self, world_size: int) -> None:
+        """batch_size is global: it must split into grad_accum x world_size micro-batches."""
+        _check_split("train.batch_size", self.batch_size, self.grad_accum, world_size)
+
+    def derived(self, world_size: int = 1) -> dict[str, int]:
+        self.check_world_size(world_size)
+        return {
+            "world_size": world_size,
+            "global_batch_size": self.batch_size,
+            "micro_batch_size_per_rank": self.batch_size // (self.grad_accum * world_size),
+            "grad_accum_per_rank": self.grad_accum,
+            "sequences_per_rank_per_step": self.batch_size // world_size,
+        }
+
+
+def _check_split(field: str, total: int, accum: int, world_size: int) -> None:
+    if world_size < 1:
+        raise ValueError(f"world size must be >= 1, got {world_size}")
+    if total % (accum * world_size):
+        raise ValueError(
+            f"{field}: {total} is not divisible by grad_accum ({accum}) x world size "
+            f"({world_size}); the batch is global and is split into equal micro-batches"
+        )
+
 
 class LoggingConfig(Section):
     tensorboard: bool = True
@@ -176,7 +205,10 @@ class GenerationConfig(Section):
     temperature: PositiveFloat = 1.0
     top_k: NonNegInt = 0  # 0 = disabled
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
-    batch_size: PositiveInt | None = None  # generation micro-batch; None = whole rollout batch
+    # Prompts per generate() call (a "chunk"; chunk j is sampled by rank j % world size with a
+    # seed derived from (run.seed, iteration, j)). None: rollout_batch_size / world size (one
+    # chunk per rank). Set it to make the samples independent of the world size.
+    batch_size: PositiveInt | None = None
 
 
 class RewardConfig(Section):
@@ -286,15 +318,30 @@ class AlignTrainConfig(Section):
             )
         return self
 
-    def derived(self) -> dict[str, int]:
+    def check_world_size(self, world_size: int) -> None:
+        """rollout_batch_size and minibatch_size are global; micro-batches are split over ranks."""
+        _check_split("train.minibatch_size", self.minibatch_size, self.grad_accum, world_size)
+
+    def derived(self, world_size: int = 1) -> dict[str, int]:
+        self.check_world_size(world_size)
         steps = self.rollout_batch_size // self.minibatch_size * self.epochs_per_rollout
-        return {
+        out = {
             "episodes_per_iteration": self.rollout_batch_size,
             "optimizer_steps_per_iteration": steps,
-            "micro_batch_size": self.minibatch_size // self.grad_accum,
+            "micro_batch_size": self.minibatch_size // (self.grad_accum * world_size),
             "total_episodes": self.rollout_batch_size * self.iterations,
             "total_optimizer_steps": steps * self.iterations,
         }
+        if world_size > 1:
+            out = {"world_size": world_size, **out,
+                   "episodes_per_rank_per_iteration": self.rollout_batch_size // world_size,
+                   "micro_batches_per_rank_per_step": self.grad_accum}
+        return out
+
+    def forward_batch(self, world_size: int = 1) -> int:
+        """Scoring micro-batch: the update's micro-batch unless forward_batch_size is set."""
+        return self.forward_batch_size or max(
+            self.minibatch_size // (self.grad_accum * world_size), 1)
 
 
 class AlignRecipe(RecipeBase):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -83,16 +84,59 @@ class Dist:
         """This rank's items of a global list: every world_size-th, starting at the rank."""
         return items[self.rank::self.world_size]
 
+    def unshard(self, mine: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``shard`` for per-item results (dim 0): the global tensor in item order."""
+        parts = self.gather_objects(mine.cpu())
+        out = torch.empty((sum(len(p) for p in parts), *mine.shape[1:]), dtype=mine.dtype)
+        for r, part in enumerate(parts):
+            out[r::self.world_size] = part
+        return out
 
-def init_dist(device_pref: str) -> tuple[Dist, torch.device | None]:
+    def owns(self, j: int) -> bool:
+        """Chunk/micro-batch ``j`` of a global sequence belongs to rank ``j % world_size``."""
+        return j % self.world_size == self.rank
+
+    def gather_chunks(self, mine: dict[int, object]) -> list:
+        """{chunk index: result} of every rank -> all results in chunk order, on every rank."""
+        merged: dict[int, object] = {}
+        for part in self.gather_objects(mine):
+            merged.update(part)
+        return [merged[j] for j in sorted(merged)]
+
+
+def chunk_seed(seed: int, *key: int) -> int:
+    """A seed that is a pure function of (run seed, key...): sampling of chunk j at iteration i
+    does not depend on which rank draws it or on what was drawn before (exact resume too)."""
+    h = seed % 2**61
+    for k in key:
+        h = (h * 1_000_003 + k + 7) % 2**61
+    return h
+
+
+def claim_error_report() -> bool:
+    """True for the first rank of the job to fail (it prints the error), False for the others.
+
+    Uses the process group's key-value store, which answers even while other ranks are stuck in
+    a collective; without one every rank reports.
+    """
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        return store.add("apactl/failed", 1) == 1
+    except Exception:  # no store (or it is gone with rank 0): better twice than never
+        return True
+
+
+def init_dist(device_pref: str, timeout_s: float = 600) -> tuple[Dist, torch.device | None]:
     """Join the process group when launched by accelerate/torchrun; else a 1-process Dist.
 
     Returns the device this rank should use when distributed (``cuda:<local_rank>``), or None to
-    let the recipe's ``run.device`` decide.
+    let the recipe's ``run.device`` decide. ``timeout_s`` bounds every collective.
     """
     from accelerate import PartialState
 
-    state = PartialState(cpu=device_pref == "cpu")
+    state = PartialState(cpu=device_pref == "cpu", timeout=timedelta(seconds=timeout_s))
     if state.num_processes <= 1:
         return Dist(), None
     dist = Dist(state.process_index, state.num_processes, state.local_process_index)

@@ -29,21 +29,22 @@ class JudgeInfo:
     factory: Callable[..., Judge]
     description: str
     needs_path: bool = False
+    hidden: bool = False  # usable, but not listed to users (test fixtures)
 
 
 JUDGES: dict[str, JudgeInfo] = {}
 
 
-def register_judge(name: str, description: str, needs_path: bool = False):
+def register_judge(name: str, description: str, needs_path: bool = False, hidden: bool = False):
     def deco(factory: Callable[..., Judge]) -> Callable[..., Judge]:
-        JUDGES[name] = JudgeInfo(factory, description, needs_path)
+        JUDGES[name] = JudgeInfo(factory, description, needs_path, hidden)
         return factory
 
     return deco
 
 
 def available() -> str:
-    return ", ".join(sorted(JUDGES))
+    return ", ".join(sorted(n for n, info in JUDGES.items() if not info.hidden))
 
 
 def check_judge(name: str, path: str | None) -> None:
@@ -123,3 +124,11 @@ def _reward_model(path: str, device: Any = "cpu", dtype: Any = None, batch_size:
 
     return RewardModelJudge(path, device=device, dtype=dtype, batch_size=batch_size,
                             normalize=normalize)
+
+
+@register_judge("fail-on-rank", "test fixture: raises on rank args.rank of a distributed job",
+                hidden=True)
+def _fail_on_rank(rank: int = 1, **_: Any) -> Judge:
+    from apactl.testing import FailOnRankJudge
+
+    return FailOnRankJudge(rank)

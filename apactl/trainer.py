@@ -4,6 +4,12 @@ A task supplies the model, the tokenised items, a collator, a loss function and 
 function; this loop owns ordering, accumulation, clipping, scheduling, logging, checkpoints and
 resume. The data order is a pure function of ``(seed, epoch)``, so the data position is just the
 optimizer step and resume replays exactly.
+
+Data parallel: each optimizer step's global batch is cut into ``grad_accum x world_size`` equal
+micro-batches in a fixed order; micro-batch j is rank ``j % world_size``'s accumulation step
+``j // world_size``, and gradients are averaged over ranks before clipping. So one process with
+grad_accum=2 and two processes with grad_accum=1 compute the same update from the same
+micro-batches, and a checkpoint (all global state) resumes on any world size.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import torch
 
 from apactl import checkpoint as ckpt
 from apactl.config import LoggingConfig, RunConfig, TrainConfig
+from apactl.distributed import Dist
 from apactl.metrics import MetricsLogger, Progress, console
 
 # loss_fn(model, batch) -> (loss, stats, n_tokens): loss is the micro-batch mean; stats are floats.
@@ -35,6 +42,7 @@ class SupervisedTask:
     save_model: Callable[[torch.nn.Module, Path, bool], None]  # (model, folder, final)
     name: str = "train"
     extra_final: Callable[[torch.nn.Module, Path], None] | None = None
+    dist: Dist = field(default_factory=Dist)  # this process's rank in the job
     info: dict[str, Any] = field(default_factory=dict)
     _lengths: list[int] | None = None
 
@@ -102,7 +110,8 @@ def make_optimizer(model: torch.nn.Module, train: TrainConfig, n_steps: int):
 
 def run_supervised(task: SupervisedTask, run: RunConfig, train: TrainConfig,
                    logging: LoggingConfig, resume: bool = False) -> dict[str, float]:
-    """Train ``task.model``; returns the final evaluation metrics."""
+    """Train ``task.model``; returns the final evaluation metrics (the same on every rank)."""
+    dist = task.dist
     out = Path(run.output_dir)
     n = len(task.train_items)
     if steps_per_epoch(n, train) == 0:
@@ -111,8 +120,9 @@ def run_supervised(task: SupervisedTask, run: RunConfig, train: TrainConfig,
     n_steps = total_steps(n, train)
     opt, sched = make_optimizer(task.model, train, n_steps)
     start = _maybe_resume(task, opt, sched, out, resume)
-    logger = MetricsLogger(out, logging.tensorboard, resume_step=start if resume else None)
-    progress = Progress(n_steps, task.name, logging.progress, start=start)
+    logger = MetricsLogger(out, logging.tensorboard, enabled=dist.is_main,
+                           resume_step=start if resume else None)
+    progress = Progress(n_steps, task.name, logging.progress and dist.is_main, start=start)
     task.model.train()
     try:
         for step in range(start, n_steps):
@@ -124,11 +134,11 @@ def run_supervised(task: SupervisedTask, run: RunConfig, train: TrainConfig,
             if train.eval_every and (step + 1) % train.eval_every == 0 and step + 1 < n_steps:
                 logger.log(step + 1, _evaluate(task))
             if train.save_every and (step + 1) % train.save_every == 0 and step + 1 < n_steps:
-                _save(task, opt, sched, out, step + 1, train.keep_checkpoints)
+                _save(task, opt, sched, out, step + 1, train.keep_checkpoints, dist)
         final = _evaluate(task)
         logger.log(n_steps, final)
-        _save(task, opt, sched, out, n_steps, train.keep_checkpoints)
-        _save_final(task, out)
+        _save(task, opt, sched, out, n_steps, train.keep_checkpoints, dist)
+        _save_final(task, out, dist)
     finally:
         progress.close()
         logger.close()
@@ -136,13 +146,15 @@ def run_supervised(task: SupervisedTask, run: RunConfig, train: TrainConfig,
 
 
 def _train_step(task, opt, sched, train: TrainConfig, seed: int, step: int) -> dict[str, float]:
+    dist = task.dist
     t0 = time.perf_counter()
     idx = batch_indices(step, len(task.train_items), train, seed, task.lengths())
-    micro = train.micro_batch_size
+    micro = train.batch_size // (train.grad_accum * dist.world_size)
     totals: dict[str, float] = {}
     n_tokens = 0
     for k in range(train.grad_accum):
-        items = [task.train_items[i] for i in idx[k * micro:(k + 1) * micro].tolist()]
+        j = k * dist.world_size + dist.rank  # this rank's k-th micro-batch of the global step
+        items = [task.train_items[i] for i in idx[j * micro:(j + 1) * micro].tolist()]
         batch = task.collate(items)
         loss, stats, ntok = task.loss_fn(task.model, batch)
         if not torch.isfinite(loss):
@@ -152,6 +164,7 @@ def _train_step(task, opt, sched, train: TrainConfig, seed: int, step: int) -> d
         for key, v in stats.items():
             totals[key] = totals.get(key, 0.0) + v / train.grad_accum
     params = [p for p in task.model.parameters() if p.requires_grad]
+    dist.all_reduce_grads(params)  # before clipping: the norm is the global batch's
     norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm or math.inf)
     totals["train/grad_norm"] = float(norm)
     totals["train/lr"] = sched.get_last_lr()[0]
@@ -161,6 +174,8 @@ def _train_step(task, opt, sched, train: TrainConfig, seed: int, step: int) -> d
     dt = time.perf_counter() - t0
     totals["perf/tokens_per_s"] = n_tokens / dt
     totals["perf/step_s"] = dt
+    totals = dist.mean_dict(totals)
+    totals["perf/tokens_per_s"] *= dist.world_size  # the job's throughput: sum over ranks
     return totals
 
 
@@ -186,19 +201,25 @@ def _state(opt, sched, step: int) -> dict[str, Any]:
             "rng": ckpt.rng_state()}
 
 
-def _save(task, opt, sched, out: Path, step: int, keep: int) -> None:
-    ckpt.save_checkpoint(out, step, lambda d: task.save_model(task.model, d / "model", False),
-                         _state(opt, sched, step), keep=keep)
+def _save(task, opt, sched, out: Path, step: int, keep: int, dist: Dist) -> None:
+    # Every rank holds the same weights and optimizer state (gradients are averaged), so rank
+    # 0's copy is the global state and the checkpoint resumes on any world size.
+    if dist.is_main:
+        ckpt.save_checkpoint(out, step, lambda d: task.save_model(task.model, d / "model", False),
+                             _state(opt, sched, step), keep=keep)
+    dist.barrier()
 
 
-def _save_final(task: SupervisedTask, out: Path) -> None:
+def _save_final(task: SupervisedTask, out: Path, dist: Dist) -> None:
     """The user-facing model: ``<output_dir>/final`` (a plain Hugging Face folder)."""
     def write(tmp: Path) -> None:
         task.save_model(task.model, tmp, True)
         if task.extra_final is not None:
             task.extra_final(task.model, tmp)
 
-    ckpt.write_folder_atomic(out / "final", write)
+    if dist.is_main:
+        ckpt.write_folder_atomic(out / "final", write)
+    dist.barrier()
 
 
 def _maybe_resume(task, opt, sched, out: Path, resume: bool) -> int:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from apactl.config import AlignRecipe
+from apactl.distributed import Dist, chunk_seed
 from apactl.generation import sample
 from apactl.rl.advantages import gae, kl_estimates, kl_penalized_rewards, masked_mean, masked_whiten
 from apactl.rl.algos import policy_loss
@@ -114,10 +115,43 @@ def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
     return texts, torch.as_tensor(scores, dtype=torch.float32)
 
 
+def rollout_chunk_size(recipe: AlignRecipe, n: int, world_size: int) -> int:
+    """Prompts per generate() call: ``generation.batch_size``, else one chunk per rank."""
+    return recipe.generation.batch_size or max(-(-n // world_size), 1)
+
+
 @torch.no_grad()
 def collect_rollout(actors: Actors, prompts: list[dict], recipe: AlignRecipe, beta: float,
-                    timer, pad_id: int) -> tuple[Rollout, list[str], dict[str, float]]:
-    """Generate, score and compute advantages for one batch of prompts (Rollout on device)."""
+                    timer, pad_id: int, dist: Dist | None = None,
+                    seed_key: tuple[int, ...] = (0,)) -> tuple[Rollout, list[str], dict]:
+    """Generate and score one global batch of prompts; every rank returns the whole Rollout.
+
+    The batch is cut into chunks; chunk j is sampled with a seed derived from
+    (run.seed, *seed_key, j) and scored by rank j % world_size, then the ranks exchange their
+    chunks. So the rollout does not depend on the world size (for a fixed chunk size), resume is
+    exact, and everything after it (advantages, whitening, KL control, metrics) sees the global
+    batch on every rank with no further communication.
+    """
+    dist = dist or Dist()
+    size = rollout_chunk_size(recipe, len(prompts), dist.world_size)
+    mine = {}
+    for j, start in enumerate(range(0, len(prompts), size)):
+        if dist.owns(j):
+            torch.manual_seed(chunk_seed(recipe.run.seed, *seed_key, j))
+            mine[j] = _rollout_chunk(actors, prompts[start:start + size], recipe, timer, pad_id,
+                                     recipe.train.forward_batch(dist.world_size))
+    chunks = dist.gather_chunks(mine)
+    ro, ent, ended = _merge_chunks(chunks, pad_id, actors.device)
+    mask = ro.response_mask
+    stats = {"policy/entropy": masked_mean(ent, mask).item(),
+             "response/length_mean": mask.sum(1).mean().item(),
+             "response/eos_rate": ended.float().mean().item()}
+    return ro, [t for c in chunks for t in c["texts"]], stats
+
+
+def _rollout_chunk(actors: Actors, prompts: list[dict], recipe: AlignRecipe, timer, pad_id: int,
+                   fb: int) -> dict[str, Any]:
+    """Sample and score one chunk; CPU tensors (they travel between ranks)."""
     from apactl.data import left_pad
 
     gen, dev = recipe.generation, actors.device
@@ -128,8 +162,6 @@ def collect_rollout(actors: Actors, prompts: list[dict], recipe: AlignRecipe, be
         resp, mask = sample(actors.policy, q_ids, q_mask, gen, actors.eos, pad_id)
     with timer("score"):
         seq = build_sequences(q_ids, q_mask, resp, mask, pad_id)
-        fb = recipe.train.forward_batch_size or max(recipe.train.minibatch_size
-                                                    // recipe.train.grad_accum, 1)
         n, temp = resp.shape[0], gen.temperature
         old, ent = chunked(lambda s: policy_forward(actors.policy, seq.rows(s), resp[s], temp,
                                                     with_entropy=True), n, fb)
@@ -137,13 +169,32 @@ def collect_rollout(actors: Actors, prompts: list[dict], recipe: AlignRecipe, be
         values = chunked(lambda s: critic_forward(actors.critic, seq.rows(s)), n, fb)
     with timer("reward"):
         texts, raw = judge_scores(actors, prompts, resp, mask)
-    ro = Rollout(q_ids, q_mask, resp, mask, old_logprobs=old, ref_logprobs=ref, values=values,
-                 scores=raw.to(dev))
     ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
-    stats = {"policy/entropy": masked_mean(ent, mask).item(),
-             "response/length_mean": mask.sum(1).mean().item(),
-             "response/eos_rate": ended.float().mean().item()}
-    return ro, texts, stats
+    out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
+           "old_logprobs": old, "ref_logprobs": ref, "values": values, "scores": raw,
+           "entropy": ent, "ended": ended}
+    return {**{k: v.cpu() for k, v in out.items()}, "texts": texts}
+
+
+def _merge_chunks(chunks: list[dict], pad_id: int, device) -> tuple[Rollout, Tensor, Tensor]:
+    """Chunks -> one Rollout (prompts re-left-padded, responses re-right-padded to the widest)."""
+    p = max(c["query_ids"].shape[1] for c in chunks)
+    t = max(c["response_ids"].shape[1] for c in chunks)
+
+    def cat(key: str, width: int, value: float = 0, left: bool = False) -> Tensor:
+        def pad(x: Tensor) -> Tensor:
+            extra = width - x.shape[1]
+            return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+        return torch.cat([pad(c[key]) for c in chunks]).to(device)
+
+    def rows(key: str) -> Tensor:
+        return torch.cat([c[key] for c in chunks]).to(device)
+
+    ro = Rollout(cat("query_ids", p, pad_id, left=True), cat("query_mask", p, left=True),
+                 cat("response_ids", t, pad_id), cat("response_mask", t),
+                 old_logprobs=cat("old_logprobs", t), ref_logprobs=cat("ref_logprobs", t),
+                 values=cat("values", t), scores=rows("scores"))
+    return ro, cat("entropy", t), rows("ended")
 
 
 def shape_scores(raw: Tensor, recipe: AlignRecipe) -> Tensor:
@@ -181,8 +232,14 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
 
 
 def update(actors: Actors, opts: Optimizers, ro: Rollout, recipe: AlignRecipe, iteration: int,
-           train_policy: bool, pad_id: int) -> dict[str, float]:
-    """``epochs_per_rollout`` passes of shuffled minibatches with grad accumulation."""
+           train_policy: bool, pad_id: int, dist: Dist | None = None) -> dict[str, float]:
+    """``epochs_per_rollout`` passes of shuffled minibatches with grad accumulation.
+
+    Every rank draws the same permutation of the global rollout; each minibatch is cut into
+    grad_accum x world_size micro-batches, micro-batch j being rank j % world_size's
+    accumulation step j // world_size; gradients are averaged over ranks before clipping.
+    """
+    dist = dist or Dist()
     tr = recipe.train
     gen = torch.Generator().manual_seed(recipe.run.seed * 100_003 + iteration)
     actors.policy.train()
@@ -191,20 +248,21 @@ def update(actors: Actors, opts: Optimizers, ro: Rollout, recipe: AlignRecipe, i
     n_steps = 0
     for _ in range(tr.epochs_per_rollout):
         for mb in ro.minibatches(tr.minibatch_size, gen):
-            step_stats = _optimizer_step(actors, opts, mb, recipe, train_policy, pad_id)
+            step_stats = _optimizer_step(actors, opts, mb, recipe, train_policy, pad_id, dist)
             for k, v in step_stats.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_steps += 1
-    return {k: v / max(n_steps, 1) for k, v in sums.items()}
+    return dist.mean_dict({k: v / max(n_steps, 1) for k, v in sums.items()})
 
 
 def _optimizer_step(actors: Actors, opts: Optimizers, mb: Rollout, recipe: AlignRecipe,
-                    train_policy: bool, pad_id: int) -> dict[str, float]:
+                    train_policy: bool, pad_id: int, dist: Dist) -> dict[str, float]:
     tr, accum = recipe.train, recipe.train.grad_accum
-    micro = mb.batch_size // accum
+    micro = mb.batch_size // (accum * dist.world_size)
     stats: dict[str, float] = {}
     for k in range(accum):
-        m = mb.index(torch.arange(k * micro, (k + 1) * micro))
+        j = k * dist.world_size + dist.rank  # this rank's k-th micro-batch of the minibatch
+        m = mb.index(torch.arange(j * micro, (j + 1) * micro))
         seq = build_sequences(m.query_ids, m.query_mask, m.response_ids, m.response_mask, pad_id)
         loss = torch.zeros((), device=actors.device)
         if train_policy:
@@ -226,9 +284,9 @@ def _optimizer_step(actors: Actors, opts: Optimizers, mb: Rollout, recipe: Align
         (loss / accum).backward()
     if train_policy:
         stats["policy/grad_norm"] = _clip_and_step(actors.policy, opts.policy, opts.policy_sched,
-                                                   tr.max_grad_norm)
+                                                   tr.max_grad_norm, dist)
     stats["critic/grad_norm"] = _clip_and_step(actors.critic, opts.critic, opts.critic_sched,
-                                               tr.max_grad_norm)
+                                               tr.max_grad_norm, dist)
     return stats
 
 
@@ -237,8 +295,9 @@ def _accumulate(into: dict[str, float], stats: dict[str, float], accum: int) -> 
         into[k] = into.get(k, 0.0) + v / accum
 
 
-def _clip_and_step(model, opt, sched, max_norm: float | None) -> float:
+def _clip_and_step(model, opt, sched, max_norm: float | None, dist: Dist) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
+    dist.all_reduce_grads(params)  # before clipping: the norm is the global minibatch's
     norm = torch.nn.utils.clip_grad_norm_(params, max_norm or math.inf)
     if not torch.isfinite(norm):
         raise FloatingPointError(f"non-finite gradient norm ({float(norm)})")

@@ -9,6 +9,7 @@ import torch
 
 from apactl import checkpoint as ckpt
 from apactl.config import AlignRecipe
+from apactl.distributed import Dist
 from apactl.errors import UserError
 from apactl.metrics import MetricsLogger, Progress, Timer, console
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
@@ -23,6 +24,8 @@ from apactl.rl.loop import (
     update,
 )
 from apactl.runtime import Runtime, setup_run
+
+PHASES = ("generate", "score", "reward", "update")
 
 
 class PromptSampler:
@@ -98,8 +101,12 @@ def make_kl(recipe: AlignRecipe):
 
 
 def _save(out: Path, it: int, actors: Actors, opts: Optimizers, kl_ctl, score_stats: ScoreStats,
-          keep: int) -> None:
+          keep: int, dist: Dist) -> None:
     from apactl.models import save_model
+
+    if not dist.is_main:  # every rank holds the same (global) state: rank 0 writes it
+        dist.barrier()
+        return
 
     def write(folder: Path) -> None:
         save_model(actors.policy, actors.tokenizer, folder / "policy", merge_lora=False)
@@ -108,6 +115,7 @@ def _save(out: Path, it: int, actors: Actors, opts: Optimizers, kl_ctl, score_st
     state = {"step": it, "optimizers": opts.state_dict(), "kl": kl_ctl.state_dict(),
              "rng": ckpt.rng_state(), "score_stats": vars(score_stats)}
     ckpt.save_checkpoint(out, it, write, state, keep=keep)
+    dist.barrier()
 
 
 def _resume(out: Path, actors: Actors, opts: Optimizers, kl_ctl) -> tuple[int, ScoreStats]:
@@ -143,15 +151,17 @@ def _tokenized_prompts(recipe: AlignRecipe, tok) -> tuple[list[dict], list[dict]
 
 def run_align(recipe: AlignRecipe, resume: bool = False) -> dict[str, float]:
     rt = setup_run(recipe)
+    dist = rt.dist
     actors, tok = build_actors(recipe, rt)
     prompts, held_out = _tokenized_prompts(recipe, tok)
     opts = make_optimizers(actors, recipe)
     kl_ctl = make_kl(recipe)
     out, tr = rt.output_dir, recipe.train
     start, score_stats = (_resume(out, actors, opts, kl_ctl) if resume else (0, ScoreStats()))
-    logger = MetricsLogger(out, recipe.logging.tensorboard, resume_step=start if resume else None)
-    progress = Progress(tr.iterations, f"align/{recipe.algo.name}", recipe.logging.progress,
-                        start=start)
+    logger = MetricsLogger(out, recipe.logging.tensorboard, enabled=dist.is_main,
+                           resume_step=start if resume else None)
+    progress = Progress(tr.iterations, f"align/{recipe.algo.name}",
+                        recipe.logging.progress and dist.is_main, start=start)
     sampler = PromptSampler(len(prompts), tr.rollout_batch_size, recipe.run.seed)
     warn = Warnings(lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
     pad_id = tok.pad_token_id
@@ -159,17 +169,17 @@ def run_align(recipe: AlignRecipe, resume: bool = False) -> dict[str, float]:
     try:
         for it in range(start, tr.iterations):
             last = _iteration(actors, opts, kl_ctl, recipe, sampler, prompts, it, pad_id,
-                              score_stats)
+                              score_stats, dist)
             warn.check(last, recipe.generation.max_new_tokens)
             if tr.eval_every and (it + 1) % tr.eval_every == 0 and held_out:
-                last.update(evaluate_prompts(actors, held_out, recipe, pad_id))
+                last.update(evaluate_prompts(actors, held_out, recipe, pad_id, dist, it))
             logger.log(it + 1, last)
             progress.update(1, reward=last["reward/score_mean"], kl=last["kl/ref_k1"],
                             len=last["response/length_mean"])
             if tr.save_every and (it + 1) % tr.save_every == 0 and it + 1 < tr.iterations:
-                _save(out, it + 1, actors, opts, kl_ctl, score_stats, tr.keep_checkpoints)
-        _save(out, tr.iterations, actors, opts, kl_ctl, score_stats, tr.keep_checkpoints)
-        _save_final(out, actors)
+                _save(out, it + 1, actors, opts, kl_ctl, score_stats, tr.keep_checkpoints, dist)
+        _save(out, tr.iterations, actors, opts, kl_ctl, score_stats, tr.keep_checkpoints, dist)
+        _save_final(out, actors, dist)
     finally:
         progress.close()
         logger.close()
@@ -178,44 +188,55 @@ def run_align(recipe: AlignRecipe, resume: bool = False) -> dict[str, float]:
 
 
 def _iteration(actors, opts, kl_ctl, recipe: AlignRecipe, sampler, prompts, it: int,
-               pad_id: int, score_stats: ScoreStats) -> dict[str, float]:
+               pad_id: int, score_stats: ScoreStats, dist: Dist | None = None) -> dict[str, float]:
+    dist = dist or Dist()
     timer = Timer()
-    batch = [prompts[i] for i in sampler.indices(it)]
+    batch = [prompts[i] for i in sampler.indices(it)]  # the global batch, the same on every rank
     beta = kl_ctl.value
-    ro, _texts, ro_stats = collect_rollout(actors, batch, recipe, beta, timer, pad_id)
+    ro, _texts, ro_stats = collect_rollout(actors, batch, recipe, beta, timer, pad_id, dist,
+                                           seed_key=(1, it))
     score_stats.update(ro.scores.cpu())
     adv_stats = add_advantages(ro, recipe, beta)
     train_policy = it >= recipe.critic.warmup_iterations
     with timer("update"):
-        upd = update(actors, opts, ro, recipe, it, train_policy, pad_id)
+        upd = update(actors, opts, ro, recipe, it, train_policy, pad_id, dist)
     kl_ctl.update(adv_stats["kl/ref_k1"], ro.batch_size)
     n_tokens = int(ro.response_mask.sum())
-    m = iteration_metrics(ro_stats, adv_stats, upd, timer.pop(), ro.batch_size, n_tokens, opts)
+    times = timer.pop()
+    # A rank may own no generation chunk: every rank must pass the same keys to mean_dict.
+    times = dist.mean_dict({k: times.get(k, 0.0) for k in PHASES})
+    m = iteration_metrics(ro_stats, adv_stats, upd, times, ro.batch_size, n_tokens, opts)
     m["reward/running_mean"] = score_stats.mean
     m["reward/running_std"] = score_stats.std
     return m
 
 
 def evaluate_prompts(actors: Actors, held_out: list[dict], recipe: AlignRecipe,
-                     pad_id: int) -> dict[str, float]:
+                     pad_id: int, dist: Dist | None = None, it: int = 0) -> dict[str, float]:
     """Judge score and KL on (up to 64) held-out prompts with the recipe's sampling settings."""
     batch = held_out[:64]
     timer = Timer()
     scores, k1 = [], []
     step = recipe.train.rollout_batch_size
     for i in range(0, len(batch), step):
-        ro, _, _ = collect_rollout(actors, batch[i:i + step], recipe, 0.0, timer, pad_id)
+        ro, _, _ = collect_rollout(actors, batch[i:i + step], recipe, 0.0, timer, pad_id, dist,
+                                   seed_key=(2, it, i))
         scores.append(ro.scores.cpu())
         k1.append(((ro.old_logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).cpu())
     return {"eval/score_mean": torch.cat(scores).mean().item(),
             "eval/kl_k1": torch.cat(k1).mean().item()}
 
 
-def _save_final(out: Path, actors: Actors) -> None:
+def _save_final(out: Path, actors: Actors, dist: Dist) -> None:
     from apactl.models import save_model
+
+    if not dist.is_main:
+        dist.barrier()
+        return
 
     def write(folder: Path) -> None:
         save_model(actors.policy, actors.tokenizer, folder / "policy", merge_lora=True)
         save_model(actors.critic, actors.tokenizer, folder / "critic", merge_lora=True)
 
     ckpt.write_folder_atomic(out / "final", write)
+    dist.barrier()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from apactl.config import RMRecipe
 from apactl.data import collate_preference, fit_prompts, load_examples, tokenize_preference
+from apactl.distributed import Dist
 from apactl.metrics import console
 from apactl.models import load_sequence_classifier, resolve_model_ref, save_model, sequence_scores
 from apactl.reward import REWARD_STATS
@@ -38,15 +39,19 @@ def bt_loss(model, batch, margin: float = 0.0) -> tuple[torch.Tensor, dict, int]
     return loss, stats, int(batch["attention_mask"].sum())
 
 
-def rm_eval(model, items, collate, batch_size: int, margin: float) -> dict[str, float]:
+def rm_eval(model, items, collate, batch_size: int, margin: float,
+            dist: Dist | None = None) -> dict[str, float]:
+    """Held-out pair metrics; each rank scores its shard, every rank gets all the scores."""
     if not items:
         return {}
-    chosen, rejected = [], []
-    for i in range(0, len(items), batch_size):
-        rc, rr = pair_scores(model, collate(items[i:i + batch_size]))
-        chosen.append(rc)
-        rejected.append(rr)
-    rc, rr = torch.cat(chosen), torch.cat(rejected)
+    dist = dist or Dist()
+    mine = dist.shard(items)
+    chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
+    for i in range(0, len(mine), batch_size):
+        rc, rr = pair_scores(model, collate(mine[i:i + batch_size]))
+        chosen.append(rc.cpu())
+        rejected.append(rr.cpu())
+    rc, rr = dist.unshard(torch.cat(chosen)), dist.unshard(torch.cat(rejected))
     both = torch.cat([rc, rr])
     return {
         "eval/loss": -F.logsigmoid(rc - rr - margin).mean().item(),
@@ -97,8 +102,8 @@ def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, float]:
         model=model, train_items=train_items, collate=collate,
         loss_fn=partial(bt_loss, margin=recipe.loss.margin),
         evaluate=partial(rm_eval, items=eval_items, collate=collate, batch_size=ebs,
-                         margin=recipe.loss.margin),
-        save_model=save, name="rm",
+                         margin=recipe.loss.margin, dist=rt.dist),
+        save_model=save, name="rm", dist=rt.dist,
     )
     final = run_supervised(task, recipe.run, tr, recipe.logging, resume=resume)
     console.print(f"[green]rm done[/]: {Path(recipe.run.output_dir) / 'final'}  "

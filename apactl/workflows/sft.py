@@ -10,6 +10,7 @@ import torch
 
 from apactl.config import SFTRecipe
 from apactl.data import collate_sft, fit_prompts, load_examples, pack_sft, tokenize_sft
+from apactl.distributed import Dist
 from apactl.metrics import console
 from apactl.models import load_policy, save_model
 from apactl.runtime import setup_run
@@ -23,13 +24,16 @@ def sft_loss(model, batch) -> tuple[torch.Tensor, dict, int]:
     return out.loss, {"train/loss": out.loss.item()}, int(batch["attention_mask"].sum())
 
 
-def sft_eval(model, items, collate, batch_size: int) -> dict[str, float]:
-    """Token-weighted eval loss and perplexity over the held-out items."""
+def sft_eval(model, items, collate, batch_size: int, dist: Dist | None = None) -> dict[str, float]:
+    """Token-weighted eval loss and perplexity over the held-out items (sharded over ranks; the
+    sums are added up, so every rank returns the global numbers)."""
     if not items:
         return {}
+    dist = dist or Dist()
     total, count = 0.0, 0
-    for i in range(0, len(items), batch_size):
-        batch = collate(items[i:i + batch_size])
+    mine = dist.shard(items)
+    for i in range(0, len(mine), batch_size):
+        batch = collate(mine[i:i + batch_size])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
@@ -37,6 +41,7 @@ def sft_eval(model, items, collate, batch_size: int) -> dict[str, float]:
             reduction="sum")
         total += nll.item()
         count += int((labels != -100).sum())
+    total, count = dist.sum_scalar(total), dist.sum_scalar(count)
     loss = total / max(count, 1)
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
@@ -61,8 +66,9 @@ def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, float]:
     ebs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
     task = SupervisedTask(
         model=model, train_items=train_items, collate=collate, loss_fn=sft_loss,
-        evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs),
-        save_model=_saver(tok), name="sft",
+        evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs,
+                         dist=rt.dist),
+        save_model=_saver(tok), name="sft", dist=rt.dist,
     )
     final = run_supervised(task, recipe.run, recipe.train, recipe.logging, resume=resume)
     console.print(f"[green]sft done[/]: {Path(recipe.run.output_dir) / 'final'}  "
