@@ -136,9 +136,14 @@ def init_dist(device_pref: str, timeout_s: float = 600) -> tuple[Dist, torch.dev
     """
     from accelerate import PartialState
 
-    state = PartialState(cpu=device_pref == "cpu", timeout=timedelta(seconds=timeout_s))
-    if state.num_processes <= 1:
+    # cpu=True without CUDA: otherwise PartialState joins the launcher's group but reports a
+    # single process (its CPU path is only taken when asked for).
+    cpu = device_pref == "cpu" or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu, timeout=timedelta(seconds=timeout_s))
+    td = torch.distributed
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() <= 1:
         return Dist(), None
-    dist = Dist(state.process_index, state.num_processes, state.local_process_index)
+    # The process group is the truth: collectives use its ranks.
+    dist = Dist(td.get_rank(), td.get_world_size(), state.local_process_index)
     device = state.device if state.device.type != "cpu" else torch.device("cpu")
     return dist, device

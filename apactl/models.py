@@ -139,13 +139,24 @@ TINY_RANDOM = "tiny-random"
 
 def tiny_random_folder(cache_dir: str | None = None) -> Path:
     """A 2-layer random Llama with a character tokenizer (tests, smoke runs; no download)."""
-    from apactl.checkpoint import write_folder_atomic
     from apactl.testing import save_tiny_model
 
     folder = Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
     folder = folder / "tiny-random-v1"
     if not (folder / "config.json").exists():
-        write_folder_atomic(folder, save_tiny_model)
+        # Ranks of a distributed job may all get here: the first rename wins and the others
+        # drop their copy, so no process ever sees the folder swapped under it.
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_tiny_model(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:
+            if not (folder / "config.json").exists():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 

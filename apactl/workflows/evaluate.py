@@ -25,6 +25,7 @@ import yaml
 from apactl import eval_stats as st
 from apactl.checkpoint import list_checkpoints, seed_everything
 from apactl.config import EvalRecipe, ModelConfig, PolicySpec, looks_local
+from apactl.distributed import Dist, chunk_seed
 from apactl.errors import UserError
 from apactl.metrics import console, read_metrics
 from apactl.models import ModelError, resolve_model_ref
@@ -57,6 +58,7 @@ class Measured:
     kl: dict[str, float]  # kl_summary: k1/k3 mean and SE
     entropy: float  # nats per token
     eos_rate: float
+    scores: dict[str, np.ndarray]  # {judge: [N]}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -225,22 +227,37 @@ def _sample_chunk(model, ref, tok, rows: list[dict], recipe: EvalRecipe, eos: li
 
 
 @torch.no_grad()
-def measure(model, ref, tok, prompts: list[dict], recipe: EvalRecipe, device) -> Measured:
-    """S samples per prompt from ``model`` with the run seed; KL to ``ref`` (None: itself)."""
+def measure(model, ref, tok, prompts: list[dict], recipe: EvalRecipe, device,
+            judges: dict[str, Any] | None = None, dist: Dist | None = None) -> Measured:
+    """S samples per prompt from ``model`` with the run seed; KL to ``ref`` (None: itself);
+    scores by ``judges``.
+
+    Rows are cut into chunks of ``eval.batch_size``; chunk j is sampled with a seed derived from
+    (run.seed, j), so every policy draws the same random numbers, on any number of ranks (chunk j
+    runs on rank j % world_size; every rank gets all the chunks back).
+    """
     from apactl.generation import eos_ids
 
-    seed_everything(recipe.run.seed)  # every policy draws with the same seed
+    dist = dist or Dist()
+    seed_everything(recipe.run.seed)
     rows = [p for p in prompts for _ in range(recipe.eval.samples_per_prompt)]
     eos, step = eos_ids(model, tok), recipe.eval.batch_size
-    chunks = [_sample_chunk(model, ref, tok, rows[i:i + step], recipe, eos, device)
-              for i in range(0, len(rows), step)]
+    mine = {}
+    for j, i in enumerate(range(0, len(rows), step)):
+        if dist.owns(j):
+            torch.manual_seed(chunk_seed(recipe.run.seed, 3, j))
+            chunk = _sample_chunk(model, ref, tok, rows[i:i + step], recipe, eos, device)
+            chunk["scores"] = score_samples(judges or {}, rows[i:i + step], chunk["texts"], 1)
+            mine[j] = chunk
+    chunks = dist.gather_chunks(mine)
     cat = {k: st.as_tensor_rows([c[k] for c in chunks]) for k in ("logp", "ref", "ent", "mask")}
     per_seq = st.kl_per_sequence(cat["logp"], cat["ref"], cat["mask"])
     return Measured(
         texts=[t for c in chunks for t in c["texts"]], k1=per_seq["k1"], k3=per_seq["k3"],
         lengths=cat["mask"].sum(1).numpy(), kl=st.kl_summary(cat["logp"], cat["ref"], cat["mask"]),
         entropy=st.entropy_mean(cat["ent"], cat["mask"]),
-        eos_rate=float(torch.cat([c["ended"] for c in chunks]).float().mean()))
+        eos_rate=float(torch.cat([c["ended"] for c in chunks]).float().mean()),
+        scores={k: np.concatenate([c["scores"][k] for c in chunks]) for k in judges or {}})
 
 
 # ---------------------------------------------------------------------------------- summary
@@ -409,6 +426,7 @@ def _write_plots(report: dict[str, Any], entries: list[Entry], out: Path) -> lis
 def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Evaluate every policy against the baseline; write the reports; return report.json."""
     rt = setup_run(recipe)
+    main = rt.is_main
     entries = [e for i, spec in enumerate(recipe.policies) for e in expand_policy(spec, i)]
     base = resolve_baseline(recipe, entries)
     judges = build_judges(recipe, rt)
@@ -416,26 +434,30 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     prompts, source = eval_prompts(recipe, base_tok)
     out, s = rt.output_dir, recipe.eval.samples_per_prompt
     samples_path = out / "samples.jsonl"
-    samples_path.write_text("")
+    if main:
+        samples_path.write_text("")
     policies: list[dict[str, Any]] = []
     base_scores: dict[str, np.ndarray] = {}
     for k, e in enumerate([base, *entries]):
         console.print(f"eval [{k + 1}/{len(entries) + 1}] {e.name}: {e.path}")
         model, tok = _policy_model(e, base, base_model, base_tok, rt)
         m = measure(model, None if model is base_model else base_model, tok, prompts, recipe,
-                    rt.device)
+                    rt.device, judges, rt.dist)
         if model is not base_model:
             del model
             gc.collect()  # one policy in memory at a time
-        scores = score_samples(judges, prompts, m.texts, s)
+        scores = m.scores
         if e.is_baseline:  # the first entry: every win rate pairs with these
             base_scores = scores
         policies.append(summarize(e, m, scores, base_scores, recipe, len(prompts),
                                   _starts_at_baseline(e, base)))
-        with samples_path.open("a") as f:
-            f.writelines(json.dumps(r) + "\n" for r in sample_rows(e, prompts, m, scores, s))
+        if main:
+            with samples_path.open("a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in sample_rows(e, prompts, m, scores, s))
     report = {"settings": _settings(recipe, base, len(prompts), source), "policies": policies,
               "files": ["report.json", "report.md", "samples.jsonl"]}
+    if not main:  # every rank has the report; rank 0 writes it
+        return _finite(report)
     if recipe.eval.plots:
         report["files"] += _write_plots(report, entries, out)
     report = _finite(report)

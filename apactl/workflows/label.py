@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from apactl.config import LabelRecipe
+from apactl.distributed import chunk_seed
 from apactl.metrics import Progress, console
 from apactl.runtime import setup_run
 
@@ -66,34 +67,49 @@ def run_label(recipe: LabelRecipe, resume: bool = False) -> dict[str, float]:
     items, _ = tokenize_prompts(tok, fit_prompts(tok, train, d), d.max_prompt_len, d.on_bad_row,
                                 report.source)
     items = items[: recipe.label.max_prompts]
-    eos, bs = eos_ids(policy, tok), recipe.label.batch_size
-    progress = Progress(len(items), "label", recipe.logging.progress)
+    labelled = _label_all(policy, tok, judge, items, recipe, eos_ids(policy, tok), rt)
     pairs, chosen, gaps = [], [], []
-    with torch.no_grad():
-        for i in range(0, len(items), bs):
-            for item, texts, scores in label_batch(policy, tok, judge, items[i:i + bs], recipe,
-                                                   eos, rt.device):
-                best, worst = max(range(len(texts)), key=scores.__getitem__), \
-                    min(range(len(texts)), key=scores.__getitem__)
-                gaps.append(scores[best] - scores[worst])
-                prompt = prompt_field(item["messages"])
-                chosen.append({"prompt": prompt, "response": texts[best]})
-                if gaps[-1] > recipe.label.min_margin and texts[best].strip() \
-                        and texts[worst].strip():
-                    pairs.append({"prompt": prompt, "chosen": texts[best],
-                                  "rejected": texts[worst], "chosen_score": scores[best],
-                                  "rejected_score": scores[worst]})
-            progress.update(len(items[i:i + bs]), pairs=len(pairs))
-    progress.close()
+    for item, texts, scores in labelled:
+        best, worst = max(range(len(texts)), key=scores.__getitem__), \
+            min(range(len(texts)), key=scores.__getitem__)
+        gaps.append(scores[best] - scores[worst])
+        prompt = prompt_field(item["messages"])
+        chosen.append({"prompt": prompt, "response": texts[best]})
+        if gaps[-1] > recipe.label.min_margin and texts[best].strip() and texts[worst].strip():
+            pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst],
+                          "chosen_score": scores[best], "rejected_score": scores[worst]})
     out = rt.output_dir
-    _write_jsonl(out / PREFERENCES, pairs)
-    _write_jsonl(out / CHOSEN, chosen)
     stats = {"label/prompts": len(items), "label/pairs": len(pairs),
              "label/mean_gap": sum(gaps) / max(len(gaps), 1)}
-    (out / "label_stats.json").write_text(json.dumps(stats, indent=2))
+    if rt.is_main:
+        _write_jsonl(out / PREFERENCES, pairs)
+        _write_jsonl(out / CHOSEN, chosen)
+        (out / "label_stats.json").write_text(json.dumps(stats, indent=2))
+    rt.dist.barrier()  # the files exist on return, on every rank
     console.print(f"[green]label done[/]: {len(pairs)} pairs from {len(items)} prompts "
                   f"(judge {j.name}) -> {out / PREFERENCES}")
     return stats
+
+
+def _label_all(policy, tok, judge, items: list[dict], recipe: LabelRecipe, eos, rt) -> list:
+    """label_batch over every batch of prompts, in order. Batch b is sampled by rank
+    b % world_size with a seed derived from (run.seed, b): the labels do not depend on the
+    number of ranks. Every rank gets all the results."""
+    dist, bs = rt.dist, recipe.label.batch_size
+    starts = list(range(0, len(items), bs))
+    progress = Progress(len(items), "label", recipe.logging.progress and rt.is_main)
+    mine = {}
+    with torch.no_grad():
+        for b, i in enumerate(starts):
+            if dist.owns(b):
+                torch.manual_seed(chunk_seed(recipe.run.seed, 4, b))
+                mine[b] = label_batch(policy, tok, judge, items[i:i + bs], recipe, eos,
+                                      rt.device)
+            # Rank 0 advances the bar for the whole round of world_size batches.
+            if b % dist.world_size == dist.world_size - 1 or b == len(starts) - 1:
+                progress.update(len(items[i - (b % dist.world_size) * bs:i + bs]))
+    progress.close()
+    return [r for batch in dist.gather_chunks(mine) for r in batch]
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,73 @@
+"""Fully sharded data parallel for ``apactl sft`` (``run.strategy: fsdp``, torch FSDP2).
+
+Each decoder layer and then the whole model go through ``fully_shard``: every rank keeps 1/N of
+the weights, gradients and AdamW state (ZeRO-3), gathers a layer's weights for its forward and
+backward, and reduce-scatters (averages) the gradients. The arithmetic is that of ddp (the same
+micro-batches, the same averaged gradient before clipping); checkpoints hold the full, unsharded
+state in the ddp format (optimizer state keyed by parameter index), so a run resumes with either
+strategy on any world size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    from apactl.models import _decoder_layers
+
+    for layer in _decoder_layers(model):
+        fully_shard(layer)
+    fully_shard(model)  # the rest: embeddings (tied to the LM head), final norm, head
+    return model
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kw)
+
+
+def trainable_names(model: torch.nn.Module) -> list[str]:
+    """Names of the optimizer's parameters, in its order (``make_optimizer`` uses this order)."""
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def full_state(model: torch.nn.Module, opt) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model state dict, index-keyed optimizer state dict), unsharded on rank 0's CPU; empty
+    dicts on the other ranks. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    msd = get_model_state_dict(model, options=_options(cpu_offload=True))
+    osd = get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))
+    if not msd:
+        return {}, {}
+    index = {n: i for i, n in enumerate(trainable_names(model))}
+    return msd, {
+        "state": {index[k]: v for k, v in osd["state"].items() if k in index},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"] if n in index]}
+                         for g in osd["param_groups"]],
+    }
+
+
+def load_optimizer(model: torch.nn.Module, opt, state: dict[str, Any]) -> None:
+    """Load a full index-keyed optimizer state (every rank read the checkpoint) into ``opt``."""
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    names = trainable_names(model)
+    osd = {"state": {names[i]: v for i, v in state["state"].items()},
+           "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                            for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, opt, osd, options=_options())
+
+
+def full_norm(norm: torch.Tensor) -> float:
+    """clip_grad_norm_ of sharded gradients returns a DTensor: its value is the global norm."""
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
