@@ -38,6 +38,9 @@ class RunConfig(Section):
     # launch do, as soon as one rank exits non-zero); long enough for rank 0 to save a
     # checkpoint while the others wait.
     dist_timeout_s: PositiveInt = 600
+    # ddp: every rank holds the whole model. fsdp (sft only): weights, gradients and optimizer
+    # state sharded over the ranks (torch FSDP2), for models that do not fit on one device.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
 
 # ------------------------------------------------------------------------------------- model

@@ -37,7 +37,7 @@ def trainable_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def full_state(model: torch.nn.Module, opt) -> tuple[dict[str, Any], dict[str, Any]]:
+def full_state(model: torch.nn.Module, opt=None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(model state dict, index-keyed optimizer state dict), unsharded on rank 0's CPU; empty
     dicts on the other ranks. A collective: every rank calls it."""
     from torch.distributed.checkpoint.state_dict import (
@@ -45,7 +45,13 @@ def full_state(model: torch.nn.Module, opt) -> tuple[dict[str, Any], dict[str, A
         get_optimizer_state_dict,
     )
 
+    from apactl.checkpoint import _is_tied
+
     msd = get_model_state_dict(model, options=_options(cpu_offload=True))
+    # Like save_pretrained: a tied LM head is the embedding matrix, stored once.
+    msd = {k: v for k, v in msd.items() if not _is_tied(model, k)}
+    if opt is None:  # the final model: weights only
+        return msd, {}
     osd = get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))
     if not msd:
         return {}, {}
@@ -67,7 +73,3 @@ def load_optimizer(model: torch.nn.Module, opt, state: dict[str, Any]) -> None:
                             for g in state["param_groups"]]}
     set_optimizer_state_dict(model, opt, osd, options=_options())
 
-
-def full_norm(norm: torch.Tensor) -> float:
-    """clip_grad_norm_ of sharded gradients returns a DTensor: its value is the global norm."""
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)

@@ -599,9 +599,10 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -
 
 
 # ----------------------------------------------------------------------------------- saving
-def _save_model(model, folder: Path) -> None:
-    """``save_pretrained`` as safetensors (the kwarg is gone in transformers 5: always on)."""
-    kwargs = {}
+def _save_model(model, folder: Path, state_dict: dict | None = None) -> None:
+    """``save_pretrained`` as safetensors (the kwarg is gone in transformers 5: always on);
+    ``state_dict``: the weights to write instead of the model's own (a sharded model's)."""
+    kwargs: dict[str, Any] = {} if state_dict is None else {"state_dict": state_dict}
     if "safe_serialization" in inspect.signature(model.save_pretrained).parameters:
         kwargs["safe_serialization"] = True
     model.save_pretrained(str(folder), **kwargs)
@@ -632,6 +633,7 @@ def save_pretrained_atomic(
     folder: str | Path,
     extra_files: dict[str, str | bytes] | None = None,
     merge_lora: bool = False,
+    state_dict: dict | None = None,
 ) -> Path:
     """Save model (safetensors), tokenizer and extra files to ``folder`` all or nothing.
 
@@ -645,20 +647,21 @@ def save_pretrained_atomic(
     tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_folder(model, tokenizer, tmp, extra_files or {}, merge_lora)
+        _write_folder(model, tokenizer, tmp, extra_files or {}, merge_lora, state_dict)
         _swap_into_place(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
-def _write_folder(model, tokenizer, tmp: Path, extra: dict[str, str | bytes], merge: bool):
+def _write_folder(model, tokenizer, tmp: Path, extra: dict[str, str | bytes], merge: bool,
+                  state_dict: dict | None = None):
     is_peft = hasattr(model, "merge_and_unload")
     if is_peft and merge:
         _save_model(_merged_copy(model), tmp)
         _save_model(model, tmp / "adapter")
     else:
-        _save_model(model, tmp)
+        _save_model(model, tmp, state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(tmp))
     _write_extra(tmp, extra)
@@ -683,6 +686,8 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, sum(p.numel() for p in params)
 
 
-def save_model(model, tokenizer, folder: str | Path, merge_lora: bool = False) -> Path:
+def save_model(model, tokenizer, folder: str | Path, merge_lora: bool = False,
+               state_dict: dict | None = None) -> Path:
     """Save a Hugging Face folder (safetensors + tokenizer); see ``save_pretrained_atomic``."""
-    return save_pretrained_atomic(model, tokenizer, folder, merge_lora=merge_lora)
+    return save_pretrained_atomic(model, tokenizer, folder, merge_lora=merge_lora,
+                                  state_dict=state_dict)

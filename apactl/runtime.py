@@ -36,6 +36,9 @@ def setup_run(recipe: RecipeBase, save_recipe: bool = True) -> Runtime:
         torch.set_num_threads(run.num_threads)
     if run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    if run.strategy == "fsdp" and recipe.kind != "sft":
+        raise UserError(f"run.strategy: fsdp is implemented for sft only, not {recipe.kind}; "
+                        "use ddp")
     dist, rank_device = init_dist(run.device, run.dist_timeout_s)
     check = getattr(getattr(recipe, "train", None), "check_world_size", None)
     if callable(check):

@@ -43,6 +43,7 @@ class SupervisedTask:
     name: str = "train"
     extra_final: Callable[[torch.nn.Module, Path], None] | None = None
     dist: Dist = field(default_factory=Dist)  # this process's rank in the job
+    sharded: bool = False  # run.strategy=fsdp: the loop shards the model (apactl.fsdp)
     info: dict[str, Any] = field(default_factory=dict)
     _lengths: list[int] | None = None
 
@@ -118,8 +119,15 @@ def run_supervised(task: SupervisedTask, run: RunConfig, train: TrainConfig,
         raise ValueError(f"train.batch_size: {train.batch_size} is larger than the "
                          f"{n} training examples")
     n_steps = total_steps(n, train)
+    last = _checkpoint_to_resume(out, resume)
+    if last is not None:  # full weights go in before sharding, on every rank
+        ckpt.load_weights(task.model, last / "model")
+    if task.sharded:
+        from apactl.fsdp import shard_model
+
+        task.model = shard_model(task.model)
     opt, sched = make_optimizer(task.model, train, n_steps)
-    start = _maybe_resume(task, opt, sched, out, resume)
+    start = _load_trainer_state(task, opt, sched, last)
     logger = MetricsLogger(out, logging.tensorboard, enabled=dist.is_main,
                            resume_step=start if resume else None)
     progress = Progress(n_steps, task.name, logging.progress and dist.is_main, start=start)
@@ -164,9 +172,10 @@ def _train_step(task, opt, sched, train: TrainConfig, seed: int, step: int) -> d
         for key, v in stats.items():
             totals[key] = totals.get(key, 0.0) + v / train.grad_accum
     params = [p for p in task.model.parameters() if p.requires_grad]
-    dist.all_reduce_grads(params)  # before clipping: the norm is the global batch's
+    if not task.sharded:  # fsdp has already averaged (reduce-scattered) its gradients
+        dist.all_reduce_grads(params)  # before clipping: the norm is the global batch's
     norm = torch.nn.utils.clip_grad_norm_(params, train.max_grad_norm or math.inf)
-    totals["train/grad_norm"] = float(norm)
+    totals["train/grad_norm"] = _norm_value(norm)
     totals["train/lr"] = sched.get_last_lr()[0]
     opt.step()
     sched.step()
@@ -196,24 +205,47 @@ def _evaluate(task: SupervisedTask) -> dict[str, float]:
     return out
 
 
-def _state(opt, sched, step: int) -> dict[str, Any]:
-    return {"step": step, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "rng": ckpt.rng_state()}
+def _norm_value(norm: torch.Tensor) -> float:
+    # Sharded gradients give a DTensor norm; its full value is the global norm.
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _global_state(task, opt) -> tuple[dict, dict[str, Any]]:
+    """({"state_dict": full weights} or {}, optimizer state) as rank 0 must write them.
+
+    ddp: every rank holds the same weights and optimizer state (gradients are averaged), so
+    rank 0's own copy is the global state. fsdp: gathered unsharded (a collective).
+    """
+    if not task.sharded:
+        return {}, opt.state_dict()
+    from apactl.fsdp import full_state
+
+    weights, opt_state = full_state(task.model, opt)
+    return {"state_dict": weights}, opt_state
 
 
 def _save(task, opt, sched, out: Path, step: int, keep: int, dist: Dist) -> None:
-    # Every rank holds the same weights and optimizer state (gradients are averaged), so rank
-    # 0's copy is the global state and the checkpoint resumes on any world size.
+    """A checkpoint of the global state: it resumes on any world size."""
+    weights, opt_state = _global_state(task, opt)
     if dist.is_main:
-        ckpt.save_checkpoint(out, step, lambda d: task.save_model(task.model, d / "model", False),
-                             _state(opt, sched, step), keep=keep)
+        state = {"step": step, "optimizer": opt_state, "scheduler": sched.state_dict(),
+                 "rng": ckpt.rng_state()}
+        ckpt.save_checkpoint(
+            out, step, lambda d: task.save_model(task.model, d / "model", False, **weights),
+            state, keep=keep)
     dist.barrier()
 
 
 def _save_final(task: SupervisedTask, out: Path, dist: Dist) -> None:
     """The user-facing model: ``<output_dir>/final`` (a plain Hugging Face folder)."""
+    weights = {}
+    if task.sharded:
+        from apactl.fsdp import full_state
+
+        weights = {"state_dict": full_state(task.model)[0]}
+
     def write(tmp: Path) -> None:
-        task.save_model(task.model, tmp, True)
+        task.save_model(task.model, tmp, True, **weights)
         if task.extra_final is not None:
             task.extra_final(task.model, tmp)
 
@@ -222,16 +254,26 @@ def _save_final(task: SupervisedTask, out: Path, dist: Dist) -> None:
     dist.barrier()
 
 
-def _maybe_resume(task, opt, sched, out: Path, resume: bool) -> int:
+def _checkpoint_to_resume(out: Path, resume: bool) -> Path | None:
     if not resume:
-        return 0
+        return None
     last = ckpt.latest_checkpoint(out)
     if last is None:
         console.print(f"[yellow]--resume: no checkpoint in {out}; starting from scratch")
+    return last
+
+
+def _load_trainer_state(task, opt, sched, last: Path | None) -> int:
+    """Optimizer, scheduler and RNG of checkpoint ``last``; returns its step (0: no checkpoint)."""
+    if last is None:
         return 0
-    ckpt.load_weights(task.model, last / "model")
     state = ckpt.load_state(last)
-    opt.load_state_dict(state["optimizer"])
+    if task.sharded:
+        from apactl.fsdp import load_optimizer
+
+        load_optimizer(task.model, opt, state["optimizer"])
+    else:
+        opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
     ckpt.set_rng_state(state["rng"])
     console.print(f"resumed from {last} (step {state['step']})")

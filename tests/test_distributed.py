@@ -112,6 +112,7 @@ def test_sft_two_ranks_match_one(tmp_path, cache):
     assert [p.name for p in (tmp_path / "two/checkpoints").iterdir()] == ["step-00000004"]
 
 
+@pytest.mark.slow  # the same loop and all-reduce as sft; ~30 s on 2 busy cores
 def test_rm_two_ranks_match_one(tmp_path, cache):
     def args(out: Path, accum: int) -> list[str]:
         return ["rm", str(ROOT / "recipes/tiny/rm.yaml"), f"run.output_dir={out}",
@@ -156,7 +157,8 @@ def test_align_apa_two_ranks_match_one(align_runs):
         assert key in gaps, key
 
 
-@pytest.mark.parametrize(("saved_by", "resumed_by"), [(2, 1), (1, 2)])
+@pytest.mark.parametrize(("saved_by", "resumed_by"),
+                         [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
 def test_align_resumes_on_another_world_size(tmp_path, cache, align_runs, saved_by, resumed_by):
     """Cut a finished run back to its iteration-2 checkpoint, resume it with the other world
     size: iterations 3-4 and the final weights are those of the uninterrupted runs."""
@@ -168,6 +170,37 @@ def test_align_resumes_on_another_world_size(tmp_path, cache, align_runs, saved_
     assert res.returncode == 0, res.stderr[-4000:]
     assert "resumed from" in res.stderr and res.stderr.count("resumed from") == 1
     assert_same_run(align_runs[resumed_by], out, ["final/policy", "final/critic"])
+
+
+# ----------------------------------------------------------------------------------- fsdp
+def test_fsdp_sft_matches_ddp_and_resumes_unsharded(tmp_path, cache):
+    """run.strategy=fsdp on 2 CPU ranks (FSDP2, gloo) trains like 1 ddp process; its
+    checkpoints are unsharded, so 1 plain process resumes one. Gradient norms and eval sums are
+    reduced in another order under FSDP: agreement to ~1e-7, inside the tolerance."""
+    one, two = tmp_path / "one", tmp_path / "fsdp"
+    run_ok(1, *sft_args(one, cache, 2), "train.save_every=2")
+    run_ok(2, *sft_args(two, cache, 1), "train.save_every=2", "run.strategy=fsdp")
+    assert_same_run(one, two, ["final", "checkpoints/step-00000004/model"])
+    shutil.rmtree(two / "checkpoints/step-00000004")
+    shutil.rmtree(two / "final")
+    run_ok(1, *sft_args(two, cache, 2), "--resume")
+    assert_same_run(one, two, ["final"])
+
+
+def test_fsdp_is_refused_where_it_is_not_implemented(tmp_path, cache):
+    res = launch(1, *align_args(tmp_path / "run", cache, 1), "run.strategy=fsdp")
+    assert res.returncode == 2
+    assert "run.strategy: fsdp is implemented for sft only, not align" in res.stderr
+
+
+def test_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    files = sorted((ROOT / "recipes/accelerate").glob("*.yaml"))
+    assert len(files) >= 3
+    for f in files:
+        cfg = load_config_from_file(str(f))
+        assert cfg.num_processes >= 2 and cfg.distributed_type.value.startswith("MULTI_"), f
 
 
 # -------------------------------------------------------------------------------- failure

@@ -11,6 +11,7 @@ import torch
 from apactl.config import SFTRecipe
 from apactl.data import collate_sft, fit_prompts, load_examples, pack_sft, tokenize_sft
 from apactl.distributed import Dist
+from apactl.errors import UserError
 from apactl.metrics import console
 from apactl.models import load_policy, save_model
 from apactl.runtime import setup_run
@@ -32,9 +33,15 @@ def sft_eval(model, items, collate, batch_size: int, dist: Dist | None = None) -
     dist = dist or Dist()
     total, count = 0.0, 0
     mine = dist.shard(items)
-    for i in range(0, len(mine), batch_size):
-        batch = collate(mine[i:i + batch_size])
+    # Every rank runs the same number of forwards: a sharded (fsdp) forward is a collective.
+    longest = -(-len(items) // dist.world_size)  # rank 0's shard
+    rounds = -(-longest // batch_size)
+    for r in range(rounds):
+        part = mine[r * batch_size:(r + 1) * batch_size]
+        batch = collate(part or items[:1])
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        if not part:
+            continue  # a filler forward for the ranks with a shorter shard
         labels = batch["labels"][:, 1:]
         nll = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
@@ -64,8 +71,11 @@ def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, float]:
         train_items = pack_sft(train_items, d.max_len)
     collate = lambda items: to_device(collate_sft(items, tok.pad_token_id), rt.device)  # noqa: E731
     ebs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+    sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
+    if sharded and recipe.model.lora is not None:
+        raise UserError("run.strategy: fsdp is not combined with model.lora; use ddp")
     task = SupervisedTask(
-        model=model, train_items=train_items, collate=collate, loss_fn=sft_loss,
+        model=model, train_items=train_items, collate=collate, loss_fn=sft_loss, sharded=sharded,
         evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs,
                          dist=rt.dist),
         save_model=_saver(tok), name="sft", dist=rt.dist,
@@ -77,9 +87,9 @@ def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, float]:
 
 
 def _saver(tok):
-    def save(model, folder: Path, final: bool) -> None:
+    def save(model, folder: Path, final: bool, state_dict: dict | None = None) -> None:
         # Checkpoints keep a LoRA adapter as is (exact resume); `final` gets a merged model.
-        save_model(model, tok, folder, merge_lora=final)
+        save_model(model, tok, folder, merge_lora=final, state_dict=state_dict)
     return save
 
 
