@@ -40,7 +40,7 @@ MAX_REPORTED = 5  # skip messages kept in DataReport.skipped
 ROLES = ("system", "user", "assistant")
 # Which row shapes can feed which kind of example.
 KIND_FORMATS: dict[str, tuple[str, ...]] = {
-    "sft": ("sft", "chat"),
+    "sft": ("sft", "chat", "preference", "hh"),  # preference rows: SFT on the chosen reply
     "preference": ("preference", "hh"),
     "prompt": ("prompt", "sft", "chat", "preference", "hh"),
 }
@@ -337,9 +337,11 @@ def _parse_row(row: dict[str, Any], fmt: str, kind: Kind, f: FieldMap, i: int) -
     if fmt == "chat":
         return SFTExample(*_chat(row, f.messages), i)
     if fmt == "hh":
-        return PreferenceExample(*_hh_pair(row, f), i)
-    prompt = _prompt(row, f.prompt)
-    return PreferenceExample(prompt, _reply(row, f.chosen), _reply(row, f.rejected), i)
+        pair = PreferenceExample(*_hh_pair(row, f), i)
+    else:
+        prompt = _prompt(row, f.prompt)
+        pair = PreferenceExample(prompt, _reply(row, f.chosen), _reply(row, f.rejected), i)
+    return SFTExample(pair.messages, pair.chosen, i) if kind == "sft" else pair
 
 
 def _prompt_only(row: dict[str, Any], fmt: str, f: FieldMap) -> Messages:

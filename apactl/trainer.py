@@ -133,6 +133,8 @@ def run_supervised(task: SupervisedTask, run: RunConfig, train: TrainConfig,
     progress = Progress(n_steps, task.name, logging.progress and dist.is_main, start=start)
     task.model.train()
     try:
+        if start == 0 and train.eval_every:  # the "before" point of the eval curve
+            logger.log(0, _evaluate(task))
         for step in range(start, n_steps):
             stats = _train_step(task, opt, sched, train, run.seed, step)
             if (step + 1) % train.log_every == 0 or step + 1 == n_steps:

@@ -415,3 +415,13 @@ def test_end_to_end_sft_batch(tok):
     pad = batch["attention_mask"] == 0
     assert (batch["input_ids"][pad] == tok.pad_token_id).all()
     assert (batch["labels"][pad] == -100).all()
+
+
+def test_sft_from_preference_rows_uses_the_chosen_reply(tmp_path):
+    from apactl.config import DataConfig
+    from apactl.data import SFTExample, load_examples
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}\n' * 3)
+    train, _, _ = load_examples(DataConfig(source=str(path)), "sft")
+    assert train[0] == SFTExample([{"role": "user", "content": "Hi?"}], "Hello!", 0)
