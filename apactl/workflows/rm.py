@@ -92,17 +92,28 @@ def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, float]:
     ebs = tr.eval_batch_size or tr.micro_batch_size
     stats_items = eval_items or train_items[:512]
 
+    last_eval: dict[str, float] = {}
+
+    def evaluate(model) -> dict[str, float]:
+        last_eval.clear()
+        last_eval.update(rm_eval(model, eval_items, collate, ebs, recipe.loss.margin, rt.dist))
+        return dict(last_eval)
+
     def save(model, folder: Path, final: bool) -> None:
         save_model(model, tok, folder, merge_lora=final)
         if final:
-            stats = reward_stats(model, stats_items, collate, ebs)
+            # The final evaluation just scored every held-out reply with these weights: reuse
+            # its statistics instead of a second pass (no eval split: score training pairs).
+            stats = ({"mean": last_eval["eval/reward_mean"],
+                      "std": max(last_eval["eval/reward_std"], 1e-6),
+                      "n": int(2 * last_eval["eval/pairs"])} if last_eval
+                     else reward_stats(model, stats_items, collate, ebs))
             (folder / REWARD_STATS).write_text(json.dumps(stats, indent=2))
 
     task = SupervisedTask(
         model=model, train_items=train_items, collate=collate,
         loss_fn=partial(bt_loss, margin=recipe.loss.margin),
-        evaluate=partial(rm_eval, items=eval_items, collate=collate, batch_size=ebs,
-                         margin=recipe.loss.margin, dist=rt.dist),
+        evaluate=evaluate,
         save_model=save, name="rm", dist=rt.dist,
     )
     final = run_supervised(task, recipe.run, tr, recipe.logging, resume=resume)
