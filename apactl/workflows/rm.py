@@ -46,7 +46,8 @@ def rm_eval(model, items, collate, batch_size: int, margin: float,
         return {}
     dist = dist or Dist()
     # Similar lengths in a batch: padding costs as much as tokens; the metrics ignore order.
-    mine = sorted(dist.shard(items), key=lambda it: max(len(it["chosen_ids"]), len(it["rejected_ids"])))
+    mine = sorted(dist.shard(items),
+                  key=lambda it: max(len(it["chosen_ids"]), len(it["rejected_ids"])))
     chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
     for i in range(0, len(mine), batch_size):
         rc, rr = pair_scores(model, collate(mine[i:i + batch_size]))
