@@ -653,6 +653,11 @@ def collate_preference(items: Sequence[dict[str, list[int]]],
     return {"input_ids": _pad(ids, pad_id), "attention_mask": _pad(_ones(ids), 0)}
 
 
+def right_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scoring batches: (ids [B, L], mask [B, L]), RIGHT-padded."""
+    return _pad(seqs, pad_id), _pad(_ones(seqs), 0)
+
+
 def left_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Generation prompts: (ids [B, L], mask [B, L]), LEFT-padded so every prompt ends at the
     last column and generation continues right after it."""

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from apactl.data import collate_preference, format_for_reward
+from apactl.data import format_for_reward, right_pad
 from apactl.models import load_sequence_classifier, resolve_model_ref, sequence_scores
 
 REWARD_STATS = "reward_stats.json"
@@ -49,12 +49,9 @@ class RewardModelJudge:
             enc = [self.tokenizer(t, add_special_tokens=False,
                                   truncation=True, max_length=self.max_len)["input_ids"]
                    for t in texts[i:i + self.batch_size]]
-            batch = collate_preference([{"chosen_ids": e, "rejected_ids": e} for e in enc],
-                                       self.tokenizer.pad_token_id)
-            half = len(enc)
-            ids = batch["input_ids"][:half].to(self.device)
-            mask = batch["attention_mask"][:half].to(self.device)
-            out.append(sequence_scores(self.model, ids, mask).float().cpu())
+            ids, mask = right_pad(enc, self.tokenizer.pad_token_id)
+            out.append(sequence_scores(self.model, ids.to(self.device),
+                                       mask.to(self.device)).float().cpu())
         scores = torch.cat(out) if out else torch.zeros(0)
         if self.normalize:
             scores = (scores - self.stats["mean"]) / self.stats["std"]
