@@ -12,6 +12,7 @@ from apactl.config import AlignRecipe
 from apactl.distributed import Dist
 from apactl.errors import UserError
 from apactl.metrics import MetricsLogger, Progress, Timer, console
+from apactl.rl.advantages import kl_estimates
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
 from apactl.rl.loop import (
     Actors,
@@ -222,7 +223,7 @@ def evaluate_prompts(actors: Actors, held_out: list[dict], recipe: AlignRecipe,
         ro, _, _ = collect_rollout(actors, batch[i:i + step], recipe, 0.0, timer, pad_id, dist,
                                    seed_key=(2, it, i))
         scores.append(ro.scores.cpu())
-        k1.append(((ro.old_logprobs - ro.ref_logprobs) * ro.response_mask).sum(1).cpu())
+        k1.append(kl_estimates(ro.old_logprobs, ro.ref_logprobs, ro.response_mask)["k1"].cpu())
     return {"eval/score_mean": torch.cat(scores).mean().item(),
             "eval/kl_k1": torch.cat(k1).mean().item()}
 
