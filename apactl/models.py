@@ -149,7 +149,8 @@ def tiny_random_folder(cache_dir: str | None = None) -> Path:
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_tiny_model(tmp)
+        with torch.random.fork_rng():  # building it must not shift the run's RNG stream
+            save_tiny_model(tmp)
         try:
             os.rename(tmp, folder)
         except OSError:
