@@ -103,13 +103,14 @@ class Recorder:
             self.actors = actors
             return actors, tok
 
-        def collect_rollout(actors, prompts, recipe, beta, timer, pad_id):
+        def collect_rollout(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs):
+            orig = self._orig["collect_rollout"]
             if self.in_eval:  # held-out evaluation (train.eval_every): not an iteration
-                return self._orig["collect_rollout"](actors, prompts, recipe, beta, timer, pad_id)
+                return orig(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs)
             i = len(self.rollouts)
             self.sampler.mark("warmup" if i < self.warmup else "measured")
             self.starts.append(time.perf_counter())
-            out = self._orig["collect_rollout"](actors, prompts, recipe, beta, timer, pad_id)
+            out = orig(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs)
             self.rollouts.append(count_tokens(actors, prompts, out[0], out[1], recipe))
             return out
 
