@@ -212,6 +212,12 @@ class GenerationConfig(Section):
     # seed derived from (run.seed, iteration, j)). None: rollout_batch_size / world size (one
     # chunk per rank). Set it to make the samples independent of the world size.
     batch_size: PositiveInt | None = None
+    # CPU only: decode with weight-major matmuls (W @ x^T), ~1.5x faster per step at small
+    # batch on MKL; same results up to float summation order. False: plain F.linear.
+    weight_major_matmul: bool = True
+    # "apactl": a plain KV-cache sampling loop (same tokens as generate(), less per-step
+    # overhead); "transformers": model.generate() (models with exotic caches).
+    loop: Literal["apactl", "transformers"] = "apactl"
 
 
 class RewardConfig(Section):
@@ -306,6 +312,10 @@ class AlignTrainConfig(Section):
     save_every: NonNegInt = 0
     keep_checkpoints: PositiveInt = 2
     forward_batch_size: PositiveInt | None = None  # scoring micro-batch; None = minibatch/accum
+    # Compute the frozen bottom (embeddings + freeze_bottom_layers) once per rollout: shared by
+    # policy and reference (and a critic initialised from the policy), cached for the update,
+    # which then runs the top layers only. Costs episodes x length x hidden floats per model.
+    reuse_frozen_trunk: bool = True
 
     @model_validator(mode="after")
     def _check(self) -> AlignTrainConfig:

@@ -79,6 +79,43 @@ def resolve_recipe(recipe_path: str | Path, sets: list[str], algo: str | None, i
 
 
 # ------------------------------------------------------------------------------- the run
+class CountingTimer:
+    """Stands in for apactl.metrics.Timer (module attribute of the align workflow): the same
+    timing, plus, while ``counting`` is set, the FLOPs each phase really executes, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (every matmul, attention and backward op). The
+    counting slows the phase it watches, so it runs in the first warm-up iteration only."""
+
+    counting = False
+    flops: dict[str, int] = {}
+
+    def __init__(self):
+        from apactl.metrics import Timer
+
+        self._timer = Timer()
+        self.times = self._timer.times
+
+    def __call__(self, name: str):
+        import contextlib
+
+        inner = self._timer(name)
+        if not CountingTimer.counting:
+            return inner
+
+        @contextlib.contextmanager
+        def counted():
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with inner, FlopCounterMode(display=False) as fc:
+                yield
+            CountingTimer.flops[name] = CountingTimer.flops.get(name, 0) + fc.get_total_flops()
+        return counted()
+
+    def pop(self) -> dict[str, float]:
+        out = self._timer.pop()
+        self.times = self._timer.times
+        return out
+
+
 class Recorder:
     """Wraps apactl.workflows.align's build_actors, collect_rollout, _save and evaluate_prompts
     (module attributes, looked up at call time by run_align) for one run."""
@@ -109,6 +146,7 @@ class Recorder:
                 return orig(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs)
             i = len(self.rollouts)
             self.sampler.mark("warmup" if i < self.warmup else "measured")
+            CountingTimer.counting = i == 0 and self.warmup > 0
             self.starts.append(time.perf_counter())
             out = orig(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs)
             self.rollouts.append(count_tokens(actors, prompts, out[0], out[1], recipe))
@@ -128,6 +166,9 @@ class Recorder:
                 self.in_eval = False
 
         wf.build_actors, wf.collect_rollout = build_actors, collect_rollout
+        self._orig["Timer"] = wf.Timer
+        wf.Timer = CountingTimer
+        CountingTimer.flops = {}
         if "_save" in self._orig:
             wf._save = save
         if "evaluate_prompts" in self._orig:
@@ -199,12 +240,12 @@ def run_benchmark(recipe, warmup: int, limits_cfg: dict[str, int]) -> dict[str, 
     ends = rec.starts[1:] + [rec.save_start]
     walls = [(e - s) if e is not None else None for s, e in zip(rec.starts, ends)]
     return summarize(recipe, warmup, rows, rec.rollouts, walls, params, limits, memory,
-                     dtype, total_s=t_end - t0)
+                     dtype, total_s=t_end - t0, executed=dict(CountingTimer.flops))
 
 
 # ---------------------------------------------------------------------------- the figures
 def summarize(recipe, warmup, rows, rollouts, walls, params, limits, memory, dtype,
-              total_s) -> dict[str, Any]:
+              total_s, executed=None) -> dict[str, Any]:
     import torch
 
     tr = recipe.train
@@ -278,6 +319,7 @@ def summarize(recipe, warmup, rows, rollouts, walls, params, limits, memory, dty
         "decode": {"weight_bytes": pol["weight_bytes"], "steps_per_iteration": steps / n,
                    "weight_read_gbps": read_gbps,
                    "fraction_of_copy_bandwidth": read_gbps / limits["copy_gbps_rw"]},
+        "executed": _executed(executed, per_it[0], meas, phase_time, peak),
         "reward_mean_by_iteration": all_rewards,
         "reward_last": all_rewards[-1],
         "reward_mean_all": bl.mean(all_rewards),
@@ -297,6 +339,34 @@ def summarize(recipe, warmup, rows, rollouts, walls, params, limits, memory, dty
     }
     return {"config": config, "limits": limits, "params": params, "memory": memory,
             "summary": summary, "iterations": per_it}
+
+
+def _executed(counted, first, meas, phase_time, peak) -> dict[str, Any] | None:
+    """FLOPs the phases really executed (FlopCounterMode, first warm-up iteration), scaled to
+    the measured iterations by their prompt+response tokens; rate / matmul peak = utilisation.
+
+    Unlike the model-FLOP convention above this sees the work apactl skips (a shared frozen
+    trunk, the LM head on prompt positions) and the work it adds (attention scores)."""
+    if not counted:
+        return None
+    tokens0 = first["prompt_tokens"] + first["response_tokens"]
+    tokens = sum(r["prompt_tokens"] + r["response_tokens"] for r in meas)
+    n = len(meas)
+    out: dict[str, Any] = {"counted_in_iteration": first["step"], "gflop_per_iteration": {},
+                           "gflops_per_s": {}, "utilisation": {}}
+    total = 0.0
+    for p in PHASES:
+        f = counted.get(p, 0) * tokens / tokens0
+        total += f
+        out["gflop_per_iteration"][p] = f / n / 1e9
+        rate = f / phase_time[p] if phase_time[p] else float("nan")
+        out["gflops_per_s"][p] = rate / 1e9
+        out["utilisation"][p] = rate / peak
+    it_time = sum(phase_time[p] for p in PHASES)
+    out["gflop_per_iteration"]["iteration"] = total / n / 1e9
+    out["gflops_per_s"]["iteration"] = total / it_time / 1e9
+    out["utilisation"]["iteration"] = total / it_time / peak
+    return out
 
 
 def _cpu_model() -> str | None:
@@ -321,8 +391,18 @@ def print_report(res: dict[str, Any]) -> None:
              f"{cfg['dtype']}; mean of {s['measured_iterations']} iterations "
              f"(+{cfg['warmup_iterations']} warm-up)")
     t = Table(title=title, title_justify="left")
-    for col in ("phase", "s / iteration", "share", "GFLOP / iteration", "GFLOP/s", "MFU"):
+    ex = s.get("executed")
+    cols = ["phase", "s / iteration", "share", "GFLOP / iteration", "GFLOP/s", "MFU"]
+    if ex:
+        cols += ["executed GFLOP", "executed GFLOP/s", "of peak"]
+    for col in cols:
         t.add_column(col, justify="left" if col == "phase" else "right")
+
+    def exe(p):
+        if not ex or p not in ex["gflop_per_iteration"]:
+            return [] if not ex else ["", "", ""]
+        return [bl.fmt(ex["gflop_per_iteration"][p]), bl.fmt(ex["gflops_per_s"][p]),
+                f"{100 * ex['utilisation'][p]:.2f}%"]
     n, total = s["measured_iterations"], s["seconds_per_iteration"]
     flops = {p: sum(r["flops"][p] for r in res["iterations"] if r["measured"]) / n
              for p in (*PHASES, "update_6n")}
@@ -331,9 +411,10 @@ def print_report(res: dict[str, Any]) -> None:
         label = "update (6N convention)" if p == "update_6n" else p
         t.add_row(label, bl.fmt(sec), f"{100 * sec / total:.1f}%" if p in PHASES else "",
                   bl.fmt(flops[p] / 1e9), bl.fmt(s["gflops_per_s"][p]),
-                  f"{100 * s['mfu'][p]:.2f}%")
+                  f"{100 * s['mfu'][p]:.2f}%", *exe(p if p in PHASES else "-"))
     t.add_row("iteration", bl.fmt(total), "100%", bl.fmt(sum(flops[p] for p in PHASES) / 1e9),
-              bl.fmt(s["gflops_per_s_iteration"]), f"{100 * s['mfu_iteration']:.2f}%")
+              bl.fmt(s["gflops_per_s_iteration"]), f"{100 * s['mfu_iteration']:.2f}%",
+              *exe("iteration"))
     con.print(t)
     d = s["decode"]
     lines = [

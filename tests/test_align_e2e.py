@@ -115,3 +115,34 @@ def test_sigkill_then_resume(tmp_path):
     steps = [r["step"] for r in read_metrics(out)]
     assert steps == list(range(1, 41))
     assert (out / "final/policy/config.json").exists()
+
+
+def test_frozen_trunk_reuse_matches_plain_forwards(tmp_path, monkeypatch):
+    """train.reuse_frozen_trunk (shared bottom, cached trunk, LM head on response positions)
+    trains what the plain forwards train: the same metrics per iteration, the same weights."""
+    from safetensors.torch import load_file
+
+    from apactl.rl import trunk
+    from apactl.workflows.align import run_align
+
+    calls = {"top": 0}
+    real_top = trunk.Split.top
+
+    def counting_top(self, *a, **kw):
+        calls["top"] += 1
+        return real_top(self, *a, **kw)
+
+    monkeypatch.setattr(trunk.Split, "top", counting_top)
+    common = ("train.iterations=4", "train.freeze_bottom_layers=1", "algo.name=ppo")
+    for flag in ("true", "false"):
+        run_align(recipe(tmp_path / flag, *common, f"train.reuse_frozen_trunk={flag}"))
+        assert (calls["top"] > 0) == (flag == "true")
+        calls["top"] = 0
+    fast, plain = read_metrics(tmp_path / "true"), read_metrics(tmp_path / "false")
+    for key in ("reward/score_mean", "kl/ref_k1", "loss/policy", "loss/value",
+                "policy/entropy", "critic/explained_var"):
+        for a, b in zip(fast, plain, strict=True):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
+    wa = load_file(tmp_path / "true/final/policy/model.safetensors")
+    wb = load_file(tmp_path / "false/final/policy/model.safetensors")
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4

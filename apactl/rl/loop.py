@@ -20,7 +20,7 @@ from apactl.generation import sample
 from apactl.rl.advantages import gae, kl_estimates, kl_penalized_rewards, masked_mean, masked_whiten
 from apactl.rl.algos import policy_loss
 from apactl.rl.losses import value_loss
-from apactl.rl.scoring import SeqBatch, build_sequences, chunked, critic_forward, policy_forward
+from apactl.rl.scoring import build_sequences, fit_width
 from apactl.rl.types import Rollout
 
 
@@ -35,6 +35,13 @@ class Actors:
     tokenizer: Any
     eos: list[int]
     device: torch.device
+    engine: Any = None  # rl.engine.Engine; None: the plain forwards
+
+    def __post_init__(self) -> None:
+        if self.engine is None:
+            from apactl.rl.engine import Engine
+
+            self.engine = Engine(self.policy, self.ref, self.critic, k=0, reuse_trunk=False)
 
 
 @dataclass
@@ -99,13 +106,6 @@ class Warnings:
             self.once("maxlen", f"every response hit max_new_tokens={max_new_tokens} without EOS")
 
 
-def reference_forward(actors: Actors, seq: SeqBatch, response_ids: Tensor, temperature: float):
-    if actors.ref is not None:
-        return policy_forward(actors.ref, seq, response_ids, temperature)[0]
-    with actors.policy.disable_adapter():  # LoRA: the base weights are pi_init
-        return policy_forward(actors.policy, seq, response_ids, temperature)[0]
-
-
 def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
                  mask: Tensor) -> tuple[list[str], Tensor]:
     """Decode responses and score the text: the judge tokenises it with its own tokenizer."""
@@ -162,17 +162,16 @@ def _rollout_chunk(actors: Actors, prompts: list[dict], recipe: AlignRecipe, tim
         resp, mask = sample(actors.policy, q_ids, q_mask, gen, actors.eos, pad_id)
     with timer("score"):
         seq = build_sequences(q_ids, q_mask, resp, mask, pad_id)
-        n, temp = resp.shape[0], gen.temperature
-        old, ent = chunked(lambda s: policy_forward(actors.policy, seq.rows(s), resp[s], temp,
-                                                    with_entropy=True), n, fb)
-        ref = chunked(lambda s: reference_forward(actors, seq.rows(s), resp[s], temp), n, fb)
-        values = chunked(lambda s: critic_forward(actors.critic, seq.rows(s)), n, fb)
+        width = seq.input_ids.shape[1]
+        parts = [actors.engine.score(seq.rows(s), resp[s], gen.temperature)
+                 for s in (slice(i, i + fb) for i in range(0, resp.shape[0], fb))]
+        scored = {k: torch.cat([fit_width(p[k], width) if k.endswith("_trunk") else p[k]
+                                for p in parts]) for k in parts[0]}
     with timer("reward"):
         texts, raw = judge_scores(actors, prompts, resp, mask)
     ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
     out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
-           "old_logprobs": old, "ref_logprobs": ref, "values": values, "scores": raw,
-           "entropy": ent, "ended": ended}
+           "scores": raw, "ended": ended, **scored}
     return {**{k: v.cpu() for k, v in out.items()}, "texts": texts}
 
 
@@ -190,10 +189,17 @@ def _merge_chunks(chunks: list[dict], pad_id: int, device) -> tuple[Rollout, Ten
     def rows(key: str) -> Tensor:
         return torch.cat([c[key] for c in chunks]).to(device)
 
+    def trunk(key: str) -> Tensor | None:
+        if key not in chunks[0]:
+            return None
+        width = max(c[key].shape[1] for c in chunks)
+        return torch.cat([fit_width(c[key], width) for c in chunks]).to(device)
+
     ro = Rollout(cat("query_ids", p, pad_id, left=True), cat("query_mask", p, left=True),
                  cat("response_ids", t, pad_id), cat("response_mask", t),
                  old_logprobs=cat("old_logprobs", t), ref_logprobs=cat("ref_logprobs", t),
-                 values=cat("values", t), scores=rows("scores"))
+                 values=cat("values", t), scores=rows("scores"),
+                 policy_trunk=trunk("policy_trunk"), critic_trunk=trunk("critic_trunk"))
     return ro, cat("entropy", t), rows("ended")
 
 
@@ -266,13 +272,13 @@ def _optimizer_step(actors: Actors, opts: Optimizers, mb: Rollout, recipe: Align
         seq = build_sequences(m.query_ids, m.query_mask, m.response_ids, m.response_mask, pad_id)
         loss = torch.zeros((), device=actors.device)
         if train_policy:
-            logp, _ = policy_forward(actors.policy, seq, m.response_ids,
-                                     recipe.generation.temperature)
+            logp = actors.engine.policy_logprobs(seq, m.response_ids,
+                                                 recipe.generation.temperature, m.policy_trunk)
             p_loss, p_stats = policy_loss(recipe.algo, logp, m)
             loss = loss + p_loss
             _accumulate(stats, p_stats, accum)
             stats["loss/policy"] = stats.get("loss/policy", 0.0) + p_loss.item() / accum
-        v_new = critic_forward(actors.critic, seq)
+        v_new = actors.engine.values(seq, m.critic_trunk)
         v_loss, v_stats = value_loss(v_new, m.values, m.returns, m.response_mask,
                                      recipe.critic.clip)
         loss = loss + recipe.algo.vf_coef * v_loss

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from apactl.models import _unwrap
 from apactl.rl.losses import entropy_from_logits, logprobs_from_logits
 
 
@@ -75,6 +76,37 @@ def critic_forward(critic, seq: SeqBatch) -> Tensor:
 
     values = token_values(critic, seq.input_ids, seq.attention_mask)  # [B, L]
     return _at_response(values.float(), seq.positions)
+
+
+def lm_head_logprobs(model, hidden: Tensor, seq: SeqBatch, response_ids: Tensor,
+                     temperature: float, with_entropy: bool = False
+                     ) -> tuple[Tensor, Tensor | None]:
+    """Final hidden [B, L, H] -> log-probs [B, T] (and entropy [B, T]) of the response tokens.
+
+    The LM head runs on the T response positions only, not on all L: with a 49k vocabulary it
+    costs as much as ~8 of SmolLM2's layers per position, and the prompt positions are unused.
+    """
+    head = _unwrap(model).get_output_embeddings()
+    logits = head(_at_response(hidden, seq.positions))  # [B, T, V]
+    logp = logprobs_from_logits(logits, response_ids, temperature)
+    ent = entropy_from_logits(logits.float() / temperature) if with_entropy else None
+    return logp, ent
+
+
+def value_head(critic, hidden: Tensor, seq: SeqBatch) -> Tensor:
+    """Final hidden [B, L, H] -> V(s_t) [B, T] float32, from the state before each token."""
+    from apactl.models import _score_head
+
+    return _score_head(critic)(_at_response(hidden, seq.positions)).squeeze(-1).float()
+
+
+def fit_width(x: Tensor, width: int) -> Tensor:
+    """Cut or zero-pad a [B, S, ...] tensor along dim 1 to ``width`` (the extra columns are
+    padding positions, masked everywhere)."""
+    if x.shape[1] >= width:
+        return x[:, :width]
+    pad = [0, 0] * (x.dim() - 2) + [0, width - x.shape[1]]
+    return torch.nn.functional.pad(x, pad)
 
 
 def chunked(fn, n: int, size: int):

@@ -33,6 +33,12 @@ class Rollout:
         rewards:      [B, T] KL-penalised per-token rewards (score added at the last valid token).
         advantages:   [B, T] GAE advantages, after optional whitening.
         returns:      [B, T] value targets = A_t (before whitening) + V(s_t).
+
+    Cached by the rollout when train.reuse_frozen_trunk applies (None otherwise), S = the
+    length of the right-aligned prompt+response rows of ``rl.scoring.build_sequences``:
+        policy_trunk: [B, S, H] hidden state after the policy's frozen bottom layers.
+        critic_trunk: [B, S, H] the same for the critic. Columns past a row's last attended
+                      token are padding (zeros or garbage), never attended.
     """
 
     query_ids: Tensor
@@ -46,6 +52,8 @@ class Rollout:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
+    policy_trunk: Tensor | None = None
+    critic_trunk: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

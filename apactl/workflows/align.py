@@ -74,7 +74,33 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> tuple[Actors, Any]:
     if critic_tok.get_vocab() != tok.get_vocab():
         raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
                         "so it cannot value policy tokens; set critic.init=policy")
-    return Actors(policy, ref, critic, judge, tok, eos_ids(policy, tok), rt.device), tok
+    return Actors(policy, ref, critic, judge, tok, eos_ids(policy, tok), rt.device,
+                  engine=_engine(recipe, policy, ref, critic, getattr(judge, "model", None))), tok
+
+
+def _engine(recipe: AlignRecipe, policy, ref, critic, reward_model=None):
+    """Plan the forwards. Models whose frozen bottom layers hold equal weights share those
+    modules (one copy in memory): the reference and the policy always (the reference is the
+    initial policy), the critic and the reward model when they were trained from the same base
+    with the same layers frozen (share_bottom compares the weights). Policy, reference and a
+    critic sharing the policy's modules then also share one trunk computation per rollout."""
+    from apactl.rl.engine import Engine
+    from apactl.rl.trunk import share_bottom
+
+    tr, k = recipe.train, recipe.train.freeze_bottom_layers
+    critic_k = recipe.critic.freeze_bottom_layers
+    critic_k = k if critic_k is None else critic_k
+    if tr.reuse_frozen_trunk and k > 0:
+        if ref is not None:
+            share_bottom(policy, ref, k)  # the reference keeps only its own top layers
+        if reward_model is not None:
+            share_bottom(policy, reward_model, k)
+        if critic_k == k:
+            share_bottom(policy, critic, k)
+    if tr.reuse_frozen_trunk and critic_k > 0 and reward_model is not None:
+        share_bottom(reward_model, critic, critic_k)  # a LoRA policy shares nothing; these may
+    return Engine(policy, ref, critic, k=k, reuse_trunk=tr.reuse_frozen_trunk,
+                  warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
 
 
 def make_optimizers(actors: Actors, recipe: AlignRecipe) -> Optimizers:

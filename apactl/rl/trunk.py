@@ -1,0 +1,143 @@
+"""Run a decoder in two parts around its frozen bottom: the *trunk* and the *top*.
+
+With ``train.freeze_bottom_layers = k`` the embeddings and the bottom k decoder layers never
+change, so their output for a given token sequence is a constant of the rollout. It is computed
+once, by whichever model owns those modules, and reused:
+
+* by the reference, whose bottom k layers are the policy's own modules (``share_bottom``: the
+  reference is the initial policy and the policy's bottom never trains, so they are equal);
+* by the critic too when it was initialised from the policy (the same shared modules);
+* by the update: the forward and backward of the policy and the critic then run the top only.
+
+The split is generic over transformers decoders whose backbone is ``embed_tokens -> layers ->
+norm`` (Llama, Mistral, Qwen2, Phi-3, ...): the backbone is called with its ``layers`` (and
+``norm``) temporarily replaced by a slice, so the library's own masking, rotary embeddings and
+attention kernels run unchanged. ``Split.verify`` compares the two-part forward with the plain
+one on real inputs, and callers fall back to the plain forward when it disagrees (a model that
+rescales ``inputs_embeds``, such as Gemma, does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from apactl.models import _backbone, _unwrap
+
+VERIFY_ATOL = 1e-4  # fp32: the two-part forward differs from the plain one by ~1e-6
+
+
+def _position_ids(mask: Tensor) -> Tensor:
+    # Attended tokens count; equals 0..L-1 on right-padded rows (the rollout's layout).
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class Split:
+    """A model seen as ``trunk`` (embeddings + layers[:k]) and ``top`` (layers[k:] + norm).
+
+    ``model`` is a causal LM or a sequence classifier (optionally peft-wrapped); ``k`` may be 0,
+    in which case the trunk is the embedding lookup and ``top`` is the whole stack.
+    """
+
+    def __init__(self, model, k: int):
+        self.model = model
+        self.backbone = _backbone(model)
+        for name in ("embed_tokens", "layers", "norm"):
+            if not hasattr(self.backbone, name):
+                raise ValueError(f"{type(self.backbone).__name__} has no `{name}`")
+        self.k = k
+
+    @property
+    def key(self) -> tuple[int, ...]:
+        """Identity of the trunk modules: equal keys = the same trunk output for equal input."""
+        mods = [self.backbone.embed_tokens, *self.backbone.layers[: self.k]]
+        return tuple(id(m) for m in mods)
+
+    @property
+    def frozen(self) -> bool:
+        """True when no trunk parameter trains: its output is a constant of the rollout."""
+        mods = [self.backbone.embed_tokens, *self.backbone.layers[: self.k]]
+        return not any(p.requires_grad for m in mods for p in m.parameters())
+
+    @contextlib.contextmanager
+    def _swapped(self, layers: list, norm: bool) -> Iterator[None]:
+        bb = self.backbone
+        full_layers, full_norm = bb.layers, bb.norm
+        bb.layers = torch.nn.ModuleList(layers)
+        if not norm:
+            bb.norm = torch.nn.Identity()
+        try:
+            yield
+        finally:
+            bb.layers, bb.norm = full_layers, full_norm
+
+    def trunk(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, L] ids -> [B, L, H] hidden state after layer k (no final norm), no grad."""
+        with torch.no_grad(), self._swapped(list(self.backbone.layers[: self.k]), norm=False):
+            out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                                position_ids=_position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def top(self, trunk: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, L, H] trunk output -> [B, L, H] final (normed) hidden state; grads as usual."""
+        with self._swapped(list(self.backbone.layers[self.k:]), norm=True):
+            out = self.backbone(inputs_embeds=trunk, attention_mask=attention_mask,
+                                position_ids=_position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    def full(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """[B, L, H] final hidden state in one plain backbone call."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
+                            position_ids=_position_ids(attention_mask), use_cache=False)
+        return out.last_hidden_state
+
+    @torch.no_grad()
+    def verify(self, input_ids: Tensor, attention_mask: Tensor) -> float:
+        """Max |top(trunk(x)) - full(x)| over attended positions (inf if it cannot run)."""
+        try:
+            two = self.top(self.trunk(input_ids, attention_mask), attention_mask)
+        except Exception:  # noqa: BLE001 - any failure means: use the plain forward
+            return float("inf")
+        one = self.full(input_ids, attention_mask)
+        keep = attention_mask.bool()
+        return float((two[keep] - one[keep]).abs().max()) if keep.any() else 0.0
+
+
+def make_split(model, k: int) -> Split | None:
+    """A Split of ``model`` at layer k, or None when the architecture is not a plain decoder."""
+    try:
+        return Split(model, k)
+    except Exception:  # noqa: BLE001 - unsupported layout: the caller uses plain forwards
+        return None
+
+
+def share_bottom(owner, other, k: int) -> bool:
+    """Make ``other`` use ``owner``'s embeddings and bottom k layers (True if it did).
+
+    Only when the weights are equal, which holds for a reference or critic loaded from the same
+    checkpoint as a policy whose bottom is frozen; the duplicate copies are then freed. A tied
+    LM head of ``other`` is re-tied to the shared embedding.
+    """
+    a, b = make_split(owner, k), make_split(other, k)
+    if a is None or b is None or k <= 0:
+        return False
+    pa = [a.backbone.embed_tokens, *a.backbone.layers[:k]]
+    pb = [b.backbone.embed_tokens, *b.backbone.layers[:k]]
+    if len(pb) != len(pa) or any(p.requires_grad for m in pa + pb for p in m.parameters()):
+        return False  # a trainable bottom would drift apart (or be frozen by sharing)
+    for ma, mb in zip(pa, pb):
+        sa, sb = ma.state_dict(), mb.state_dict()
+        if sa.keys() != sb.keys() or any(not torch.equal(sa[n], sb[n]) for n in sa):
+            return False
+    old_embed = b.backbone.embed_tokens.weight
+    b.backbone.embed_tokens = a.backbone.embed_tokens
+    for i in range(k):
+        b.backbone.layers[i] = a.backbone.layers[i]
+    head = _unwrap(other).get_output_embeddings() if hasattr(_unwrap(other),
+                                                             "get_output_embeddings") else None
+    if head is not None and head.weight is old_embed:
+        head.weight = a.backbone.embed_tokens.weight
+    return True
