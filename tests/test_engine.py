@@ -152,3 +152,24 @@ def test_engine_falls_back_when_split_disagrees(models, monkeypatch):
     old = policy_forward(policy, seq, resp, TEMP)[0]
     assert torch.allclose(out["old_logprobs"][mask.bool()], old[mask.bool()], atol=1e-6)
     assert "policy_trunk" not in out
+
+
+def test_verification_ignores_padding_positions(models, monkeypatch):
+    """Padding positions hold arbitrary values (the plain forward even numbers them
+    differently): a difference there must not make the engine give up the split."""
+    import apactl.rl.engine as engine_mod
+
+    policy, ref, critic, vocab = models
+    real = engine_mod.policy_forward
+
+    def noisy_at_padding(model, seq, resp, temp, with_entropy=False):
+        logp, ent = real(model, seq, resp, temp, with_entropy=with_entropy)
+        pad = ~seq.attention_mask.gather(1, seq.positions).bool()
+        return logp + 100.0 * pad, ent
+
+    monkeypatch.setattr(engine_mod, "policy_forward", noisy_at_padding)
+    eng = Engine(policy, ref, critic, k=2, reuse_trunk=True, warn=pytest.fail)
+    seq, resp, mask = _batch(vocab, seed=6)
+    assert (mask == 0).any()  # ragged responses: there is padding to ignore
+    eng.score(seq, resp, TEMP)
+    assert eng.policy.split is not None and eng.ref.split is not None

@@ -121,7 +121,10 @@ class Engine:
                 fast = self._logprobs(role, seq, resp, temperature, trunks)[0]
                 with role.context():
                     slow = policy_forward(role.model, seq, resp, temperature)[0]
-            diff = float((fast - slow).abs().max()) if fast.numel() else 0.0
+            # Only real response tokens: padding positions hold arbitrary values, and the plain
+            # forward numbers positions past a row's end differently.
+            valid = seq.attention_mask.gather(1, seq.positions).bool()
+            diff = float((fast - slow)[valid].abs().max()) if valid.any() else 0.0
             if not diff <= _tolerance(next(role.model.parameters()).dtype):
                 self.warn(f"{role.name}: the split forward disagrees with the plain one "
                           f"(max diff {diff:.2g}); using the plain forward for this model")
