@@ -94,6 +94,10 @@ class DataConfig(Section):
     # turns until it fits; the final user turn is kept).
     truncate_prompt: Literal["error", "drop_turns"] = "error"
     packing: bool = False
+    # A system message put before every prompt that has none. None: the chat template's own
+    # default (SmolLM2's adds a 16-token "You are a helpful AI assistant named SmolLM..." to
+    # every prompt); "" : an empty system turn, the shortest prompts.
+    system: str | None = None
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -483,8 +487,12 @@ class EvalRecipe(RecipeBase):
 class LabelConfig(Section):
     samples: Annotated[int, Field(ge=2)] = 2  # responses sampled per prompt
     max_prompts: PositiveInt | None = None  # label at most this many (training) prompts
-    min_margin: NonNegFloat = 0.0  # drop pairs whose best-worst judge gap is <= this
+    min_margin: NonNegFloat = 0.0  # drop pairs whose judge gap is <= this
     batch_size: PositiveInt = 16
+    # "best-worst": one pair per prompt (its best and worst response); "all": every pair of
+    # responses with a gap > min_margin (up to samples*(samples-1)/2 pairs per prompt, for the
+    # same sampling cost).
+    pairs: Literal["best-worst", "all"] = "best-worst"
 
 
 class LabelRecipe(RecipeBase):

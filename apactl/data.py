@@ -244,7 +244,10 @@ def _messages(value: Any, name: str) -> Messages:
         if role not in ROLES:
             raise _BadField(f"{where}.role", f"unknown role {role!r}; expected one of "
                                              f"{', '.join(ROLES)}")
-        out.append({"role": role, "content": _text(msg.get("content"), f"{where}.content")})
+        content = msg.get("content")
+        if not (role == "system" and content == ""):  # an empty system turn is meaningful
+            content = _text(content, f"{where}.content")
+        out.append({"role": role, "content": content})
     return out
 
 
@@ -443,11 +446,20 @@ def load_examples(cfg: DataConfig, kind: Kind) -> tuple[list[Example], list[Exam
         cut = len(rows) - _n_held_out(cfg, len(rows), source)
         train = _parse_rows(rows[:cut], skip, fmt, kind, cfg, source, report)
         held_out = _parse_rows(rows[cut:], skip + cut, fmt, kind, cfg, source, report)
+    if cfg.system is not None:
+        train, held_out = _with_system(train, cfg.system), _with_system(held_out, cfg.system)
     if not train:
         raise DataError(f"{source}: no valid training rows ({report.n_skipped} skipped, first: "
                         f"{report.skipped[0] if report.skipped else '-'})")
     report.n_train, report.n_eval = len(train), len(held_out)
     return train, held_out, report
+
+
+def _with_system(examples: list[Example], system: str) -> list[Example]:
+    """Prepend ``{"role": "system", "content": system}`` to prompts without a system turn."""
+    return [ex if ex.messages and ex.messages[0].get("role") == "system"
+            else replace(ex, messages=[{"role": "system", "content": system}, *ex.messages])
+            for ex in examples]
 
 
 # --------------------------------------------------------------------------------- rendering

@@ -425,3 +425,27 @@ def test_sft_from_preference_rows_uses_the_chosen_reply(tmp_path):
     path.write_text('{"prompt": "Hi?", "chosen": "Hello!", "rejected": "Go away."}\n' * 3)
     train, _, _ = load_examples(DataConfig(source=str(path)), "sft")
     assert train[0] == SFTExample([{"role": "user", "content": "Hi?"}], "Hello!", 0)
+
+
+def test_system_message_is_prepended_once(tmp_path):
+    src = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": "hi"},
+        {"prompt": [{"role": "system", "content": "be brief"}, user("yo")]},
+    ])
+    train, _, _ = D.load_examples(cfg(src, system=""), "prompt")
+    assert train[0].messages == [{"role": "system", "content": ""}, user("hi")]
+    assert train[1].messages[0] == {"role": "system", "content": "be brief"}  # kept, not doubled
+    assert len(train[1].messages) == 2
+    plain, _, _ = D.load_examples(cfg(src), "prompt")
+    assert plain[0].messages == [user("hi")]  # None: the template's default applies
+
+
+def test_empty_system_turn_round_trips_through_a_file(tmp_path):
+    """What `label` writes with data.system="" (a prompt with an empty system turn) loads."""
+    src = write_jsonl(tmp_path / "c.jsonl", [
+        {"prompt": [{"role": "system", "content": ""}, user("hi")], "response": "ok"}])
+    train, _, _ = D.load_examples(cfg(src), "sft")
+    assert train[0].messages == [{"role": "system", "content": ""}, user("hi")]
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": [user("")], "response": "ok"}])
+    with pytest.raises(D.DataError, match="empty text"):
+        D.load_examples(cfg(bad), "sft")

