@@ -166,6 +166,7 @@ class Recorder:
                 self.in_eval = False
 
         wf.build_actors, wf.collect_rollout = build_actors, collect_rollout
+        self._patch_verify()
         self._orig["Timer"] = wf.Timer
         wf.Timer = CountingTimer
         CountingTimer.flops = {}
@@ -175,7 +176,28 @@ class Recorder:
             wf.evaluate_prompts = evaluate_prompts
         self._wf = wf
 
+    def _patch_verify(self) -> None:
+        """The engine's one-time check of its split forwards (first rollout chunk) runs extra
+        plain forwards inside the counted score phase: count them apart and leave them out."""
+        from apactl.rl import engine
+
+        orig = engine.Engine._verify
+        self._verify = (engine.Engine, orig)
+
+        def verify(eng, *a, **kw):
+            if not CountingTimer.counting:
+                return orig(eng, *a, **kw)
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as fc:
+                orig(eng, *a, **kw)
+            CountingTimer.flops["score"] = (CountingTimer.flops.get("score", 0)
+                                            - fc.get_total_flops())
+        engine.Engine._verify = verify
+
     def uninstall(self) -> None:
+        cls, orig = self._verify
+        cls._verify = orig
         for name, fn in self._orig.items():
             setattr(self._wf, name, fn)
 

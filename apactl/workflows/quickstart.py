@@ -54,7 +54,7 @@ def stage_overrides(root: Path, model: str) -> dict[str, list[str]]:
         "sft": [f"model.name_or_path={model}", f"data.source={label / 'chosen.jsonl'}"],
         "rm": [f"model.name_or_path={model}", f"data.source={label / 'preferences.jsonl'}"],
         "align-apa": [f"policy.name_or_path={sft}", f"reward.name_or_path={rm}"],
-        "eval": [f"policies=[{{name: apa, path: '{apa}', checkpoints: true}}]",
+        "eval": [f"policies=[{{name: apa, path: '{apa}', checkpoints: false}}]",
                  f"baseline.path={sft}",
                  f"judges=[{{name: reward-model, label: learned-rm, path: '{rm}', "
                  "normalize: true}, {name: sentiment}]"],
