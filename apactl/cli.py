@@ -231,7 +231,7 @@ def quickstart(
     """The whole pipeline offline on a CPU: label -> SFT -> RM -> APA -> eval.
 
     Runs the shipped recipes/quickstart/*.yaml in order; finished stages are reused.
-    Example: apactl quickstart            (about 25 minutes on 2 CPU cores)
+    Example: apactl quickstart            (about 15 minutes on 2 CPU cores)
     """
     def go():
         from apactl.workflows.quickstart import run_quickstart
