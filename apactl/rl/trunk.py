@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from apactl.models import _backbone, _unwrap
+from apactl.models import _backbone, _hidden_states, _unwrap
 
 VERIFY_ATOL = 1e-4  # fp32: the two-part forward differs from the plain one by ~1e-6
 
@@ -90,9 +90,7 @@ class Split:
 
     def full(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """[B, L, H] final hidden state in one plain backbone call."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                            position_ids=_position_ids(attention_mask), use_cache=False)
-        return out.last_hidden_state
+        return _hidden_states(self.model, input_ids, attention_mask)
 
     @torch.no_grad()
     def verify(self, input_ids: Tensor, attention_mask: Tensor) -> float:
