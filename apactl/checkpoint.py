@@ -1,16 +1,16 @@
-"""Atomic checkpoints: write into a temp folder, then rename.
+"""Checkpoints: a folder per step, written atomically, read without executing anything.
 
-A checkpoint is ``<output_dir>/checkpoints/step-00000042/`` holding the model folder(s) written by a
-callback, ``trainer_state.pt`` (optimizer, scheduler, RNG, data position, anything else) and
-``meta.json``. ``meta.json`` is written last inside the temp folder and the folder is renamed only
-after that, so a SIGKILL at any moment leaves every ``step-*`` folder whole; half-written temp
-folders are ignored and cleaned up.
+A checkpoint is ``<output_dir>/checkpoints/step-00000042/`` holding the model folder(s) written
+by a callback, ``trainer_state.pt`` (optimizer and scheduler states, RNG, data position, the
+resolved recipe, anything else) and ``meta.json``. The folder is filled under a temporary name
+and renamed only when complete (``apactl.atomic``), so a SIGKILL at any moment leaves every
+``step-*`` folder whole. ``trainer_state.pt`` holds only tensors and plain Python values and is
+read with ``torch.load(weights_only=True)``: a crafted file cannot run code on ``--resume``.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -21,49 +21,26 @@ from typing import Any
 import numpy as np
 import torch
 
+from apactl.atomic import write_folder
+from apactl.errors import RunFolderError
+
 CKPT_DIR = "checkpoints"
+STATE = "trainer_state.pt"
+FORMAT = 2  # trainer_state.pt layout; 1 = apactl 0.1.0 (pickled, not resumable)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_checkpoint(
-    output_dir: str | Path,
-    step: int,
-    write_models: Callable[[Path], None],
-    state: dict[str, Any],
-    keep: int = 2,
-) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
+def save_checkpoint(output_dir: str | Path, step: int, write_models: Callable[[Path], None],
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically; keep the newest ``keep`` (never dropping this one)."""
     root = Path(output_dir) / CKPT_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:08d}"
-    tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    write_models(tmp)
-    torch.save(state, tmp / "trainer_state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-        old = root / f".old-step-{step:08d}-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
-    _prune(root, keep)
+
+    def write(tmp: Path) -> None:
+        write_models(tmp)
+        torch.save({**state, "format": FORMAT}, tmp / STATE)
+        (tmp / "meta.json").write_text(json.dumps({"step": step, "time": time.time()}))
+
+    final = write_folder(root / f"step-{step:08d}", write)
+    prune(root, keep, protect=final)
     return final
 
 
@@ -72,11 +49,11 @@ def _complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def _prune(root: Path, keep: int) -> None:
+def prune(root: Path, keep: int, protect: Path | None = None) -> None:
+    """Delete all but the newest ``keep`` checkpoints; ``protect`` (the one just written) stays
+    even if older ones have higher step numbers (they belong to no run that resumes here)."""
     for p in _complete(root)[:-keep]:
-        shutil.rmtree(p, ignore_errors=True)
-    for p in root.glob(".tmp-step-*"):
-        if not p.name.endswith(f"-{os.getpid()}"):
+        if protect is None or p != protect:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -91,14 +68,29 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:
-    # Our own file: it holds RNG states and optimizer tensors, not arbitrary objects.
-    return torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    """``trainer_state.pt`` of a checkpoint, loaded without unpickling code."""
+    path = ckpt / STATE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or an old pickled format
+        raise RunFolderError(f"{path}: cannot read the checkpoint state: "
+                             f"{str(exc).splitlines()[0][:200]}") from None
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise RunFolderError(f"{path}: written by another apactl version (format "
+                             f"{state.get('format', 1) if isinstance(state, dict) else '?'}, "
+                             f"expected {FORMAT}); its model folders load as usual, but it "
+                             "cannot be resumed")
+    return state
 
 
 def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch (and CUDA) RNG states as tensors and plain values only."""
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(internal), gauss],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                  float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -107,8 +99,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -134,45 +128,19 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
     state: dict[str, torch.Tensor] = {}
     for f in sorted(folder.glob("*.safetensors")):
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if _is_tied(model, k)}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatch: another architecture
+        raise RunFolderError(f"{folder}: does not fit the model: "
+                             f"{str(exc).splitlines()[-1].strip()[:200]}") from None
+    tied = {k for k in missing if is_tied(model, k)}
     if set(missing) - tied or unexpected:
-        raise RuntimeError(
-            f"checkpoint {folder} does not match the model: missing {sorted(set(missing) - tied)}"
-            f", unexpected {sorted(unexpected)}"
-        )
+        raise RunFolderError(
+            f"{folder}: does not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
+            f"unexpected {sorted(unexpected)[:3]}")
 
 
-def _is_tied(model: torch.nn.Module, key: str) -> bool:
-    # save_pretrained drops tied weights (lm_head tied to the embeddings).
+def is_tied(model: torch.nn.Module, key: str) -> bool:
+    """True for a tied LM head weight (save_pretrained drops it: it is the embedding matrix)."""
     tie = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
     return bool(tie) and key.endswith("lm_head.weight")
-
-
-def write_folder_atomic(dest: str | Path, write: Callable[[Path], None]) -> Path:
-    """Fill a temp sibling of ``dest`` with ``write(tmp)``, then swap it in by renames.
-
-    A kill leaves either the old folder or the new one whole (plus a stray temp folder, never a
-    half folder at ``dest``).
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        write(tmp)
-        _fsync_dir(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        dest.rename(old)
-        tmp.rename(dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(dest)
-    _fsync_dir(dest.parent)
-    return dest

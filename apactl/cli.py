@@ -12,6 +12,7 @@ the job down at once with its error printed once: the first rank to fail prints 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from typing import Any
 import typer
 
 from apactl import __version__
-from apactl.config import RecipeError, load_recipe, recipe_schema, recipe_to_yaml
+from apactl.errors import RecipeError, UserError
 
 EXIT_USER_ERROR = 2
 
@@ -41,40 +42,37 @@ app.add_typer(recipe_app, name="recipe")
 RECIPE_ARG = typer.Argument(..., help="Path to a YAML recipe.", show_default=False)
 OVERRIDES_ARG = typer.Argument(None, help="Dotted overrides, e.g. train.lr=2e-5 data.max_rows=200.",
                                show_default=False)
-RESUME_OPT = typer.Option(False, "--resume", help="Continue from the latest checkpoint in "
-                          "run.output_dir (optimizer, scheduler, RNG and data position).")
+RESUME_OPT = typer.Option(False, "--resume", help="Continue the run in run.output_dir from its "
+                          "latest checkpoint (optimizer, scheduler, RNG and data position).")
+OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an earlier run's results in "
+                             "run.output_dir (without it, a folder holding a run is refused).")
 
 
 def _err(msg: str) -> None:
     typer.echo(f"error: {msg}", err=True)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean bad input, imported lazily (they live next to torch code)."""
-    errors: list[type[BaseException]] = [RecipeError]
-    for mod, name in (("apactl.data", "DataError"), ("apactl.models", "ModelError"),
-                      ("apactl.errors", "UserError")):
-        module = sys.modules.get(mod)
-        if module is not None and hasattr(module, name):
-            errors.append(getattr(module, name))
-    return tuple(errors)
-
-
 def guarded(fn: Callable[[], Any]) -> Any:
     """Run ``fn``; turn user errors into one-line messages and exit code 2."""
     try:
         return fn()
-    except RecipeError as exc:
+    except UserError as exc:
         _fail(exc.problems, EXIT_USER_ERROR)
     except KeyboardInterrupt:
         _fail(["interrupted"], 130)
-    except Exception as exc:
-        if isinstance(exc, user_errors()):
-            _fail([str(exc).splitlines()[0] if str(exc) else type(exc).__name__],
-                  EXIT_USER_ERROR)
-        if _rank() is None:
-            raise
-        _fail(None, 1)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:  # not a bug: say so in one line (earlier files are intact)
+            _fail([f"no space left on the device ({exc.filename or 'while writing'}); free "
+                   "some space and run again (checkpoints written so far are intact)"], 1)
+        _reraise_or_fail()
+    except Exception:
+        _reraise_or_fail()
+
+
+def _reraise_or_fail() -> None:
+    if _rank() is None:
+        raise  # noqa: PLE0704 - called inside an except block: re-raises the active exception
+    _fail(None, 1)
 
 
 def _rank() -> int | None:
@@ -110,8 +108,10 @@ def _fail(problems: list[str] | None, code: int) -> None:
     os._exit(code)
 
 
-def _load(path: str, overrides: list[str] | None, kind: str | None):
-    return load_recipe(path, overrides or [], kind=kind)
+def _load(path: str, overrides: list[str] | None, kind: str | None, check_files: bool = True):
+    from apactl.recipe import load_recipe
+
+    return load_recipe(path, overrides or [], kind=kind, check_files=check_files)
 
 
 def version_callback(value: bool) -> None:
@@ -130,7 +130,7 @@ def main_callback(
 
 @app.command()
 def sft(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
-        resume: bool = RESUME_OPT) -> None:
+        resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT) -> None:
     """Supervised fine-tuning (loss on response tokens only).
 
     Example: apactl sft recipes/sft/smollm2-135m.yaml train.lr=2e-5 data.max_rows=200
@@ -139,14 +139,14 @@ def sft(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
         r = _load(recipe, overrides, "sft")
         from apactl.workflows.sft import run_sft
 
-        run_sft(r, resume=resume)
+        run_sft(r, resume=resume, overwrite=overwrite)
 
     guarded(go)
 
 
 @app.command()
 def rm(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
-       resume: bool = RESUME_OPT) -> None:
+       resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT) -> None:
     """Train a Bradley-Terry reward model on preference pairs.
 
     Example: apactl rm recipes/rm/smollm2-135m.yaml train.max_steps=50
@@ -155,7 +155,7 @@ def rm(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
         r = _load(recipe, overrides, "rm")
         from apactl.workflows.rm import run_rm
 
-        run_rm(r, resume=resume)
+        run_rm(r, resume=resume, overwrite=overwrite)
 
     guarded(go)
 
@@ -164,7 +164,7 @@ def rm(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
 def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
           algo: str = typer.Option(None, "--algo", help="apa, ppo or awr (shorthand for the "
                                    "override algo.name=...)."),
-          resume: bool = RESUME_OPT) -> None:
+          resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT) -> None:
     """RL fine-tuning against a reward model or judge with APA, PPO or AWR.
 
     Example: apactl align recipes/align/smollm2-135m-apa.yaml --algo ppo train.iterations=20
@@ -174,7 +174,7 @@ def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
         r = _load(recipe, [*extra, *(overrides or [])], "align")
         from apactl.workflows.align import run_align
 
-        run_align(r, resume=resume)
+        run_align(r, resume=resume, overwrite=overwrite)
 
     guarded(go)
 
@@ -241,6 +241,33 @@ def quickstart(
     guarded(go)
 
 
+GRID_OPT = typer.Option(None, "--grid", "-g", help="KEY=V1,V2,... (repeatable): one run per "
+                        "combination of the values of every --grid.", show_default=False)
+EMIT_OPT = typer.Option(None, "--emit", help="slurm: write <root>/sweep.sbatch (a job array); "
+                        "commands: write <root>/commands.txt. Runs nothing.", show_default=False)
+
+
+@app.command()
+def sweep(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
+          grid: list[str] = GRID_OPT,
+          dry_run: bool = typer.Option(False, "--dry-run", help="Validate every run and print "
+                                       "its folder and command; run nothing."),
+          emit: str = EMIT_OPT) -> None:
+    """Run a grid of an align, sft or rm recipe, one run after another, each in its own folder
+    <run.output_dir>/<key>=<value>,...; finished runs are skipped, interrupted ones resumed,
+    and <run.output_dir>/sweep.json records them all. Exit 1 if a run failed.
+
+    Example: apactl sweep recipes/tiny/align.yaml --grid algo.name=apa,ppo,awr --grid run.seed=0,1
+    """
+    def go():
+        from apactl.workflows.sweep import sweep_command
+
+        return sweep_command(recipe, grid or [], overrides or [], dry_run=dry_run, emit=emit)
+
+    if guarded(go):
+        raise typer.Exit(1)
+
+
 WORLD_SIZE_OPT = typer.Option(1, "--world-size", min=1, help="Check the batch arithmetic for "
                               "this many data-parallel processes and print the per-rank numbers.")
 
@@ -275,7 +302,12 @@ def recipe_show(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) 
 
     Example: apactl recipe show recipes/sft/smollm2-135m.yaml train.lr=1e-4
     """
-    guarded(lambda: typer.echo(recipe_to_yaml(_load(recipe, overrides, None)), nl=False))
+    def go():
+        from apactl.recipe import recipe_to_yaml
+
+        typer.echo(recipe_to_yaml(_load(recipe, overrides, None)), nl=False)
+
+    guarded(go)
 
 
 @recipe_app.command("schema")
@@ -284,7 +316,12 @@ def recipe_schema_cmd(kind: str = typer.Argument(..., help="sft, rm, align or ev
 
     Example: apactl recipe schema align > align.schema.json
     """
-    guarded(lambda: typer.echo(json.dumps(recipe_schema(kind), indent=2)))
+    def go():
+        from apactl.recipe import recipe_schema
+
+        typer.echo(json.dumps(recipe_schema(kind), indent=2))
+
+    guarded(go)
 
 
 def main() -> None:

@@ -7,10 +7,9 @@ ignored key. Cross-field checks live on the model that owns the fields. Nothing 
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -29,8 +28,16 @@ class RunConfig(Section):
     output_dir: str = "apactl-runs/run"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    # fp32 is the CPU default: bf16 matmul has no native support on most CPUs (about 100x slower).
+    # The compute dtype. auto: bfloat16 on a CUDA device that has it, else float32 (bf16 matmul
+    # has no native support on most CPUs: about 100x slower there).
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    # How trained weights are kept when the compute dtype is 16-bit. bf16/fp16: fp32 master
+    # weights and optimizer state, forward/backward under autocast, frozen weights stored in the
+    # compute dtype (fp16 adds a loss scaler). no: every weight stored in run.dtype ("pure
+    # bf16": half the memory, but AdamW updates below bf16's resolution round away, so small
+    # learning rates do not move the weights). auto: the mixed mode matching run.dtype when it
+    # is 16-bit on CUDA, else no.
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     num_threads: PositiveInt | None = None
     deterministic: bool = False
     # Seconds a rank waits in a collective (all-reduce, barrier) before the job fails. It only
@@ -184,11 +191,34 @@ class RecipeBase(Section):
     kind: str
     run: RunConfig = Field(default_factory=RunConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    # Commands whose training loop can shard a model (run.strategy: fsdp).
+    shardable: ClassVar[bool] = False
+
+    @model_validator(mode="after")
+    def _precision(self) -> RecipeBase:
+        mp, dtype = self.run.mixed_precision, self.run.dtype
+        expected = {"bf16": "bfloat16", "fp16": "float16"}.get(mp)
+        if expected and dtype not in ("auto", expected):
+            raise ValueError(f"run.mixed_precision: {mp} computes in {expected}, but run.dtype "
+                             f"is {dtype}; set run.dtype={expected} or auto")
+        return self
+
+    @model_validator(mode="after")
+    def _strategy(self) -> RecipeBase:
+        if self.run.strategy == "fsdp":
+            if not self.shardable:
+                raise ValueError(f"run.strategy: fsdp is implemented for sft only, not "
+                                 f"{self.kind}; use ddp")
+            lora = getattr(getattr(self, "model", None), "lora", None)
+            if lora is not None:
+                raise ValueError("run.strategy: fsdp is not combined with model.lora; use ddp")
+        return self
 
 
 # --------------------------------------------------------------------------------- sft / rm
 class SFTRecipe(RecipeBase):
     kind: Literal["sft"] = "sft"
+    shardable: ClassVar[bool] = True
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -208,6 +238,12 @@ class RMRecipe(RecipeBase):
 
 # ------------------------------------------------------------------------------------ align
 class GenerationConfig(Section):
+    """How responses are sampled: the distribution (temperature, top_k, top_p) and its cost.
+
+    The distribution is the ``SamplingSpec`` of ``apactl.sampling``, the one object that both
+    samples and scores; how the decode runs on a device is chosen there (``backend: auto``).
+    """
+
     max_new_tokens: PositiveInt = 64
     temperature: PositiveFloat = 1.0
     top_k: NonNegInt = 0  # 0 = disabled
@@ -216,29 +252,67 @@ class GenerationConfig(Section):
     # seed derived from (run.seed, iteration, j)). None: rollout_batch_size / world size (one
     # chunk per rank). Set it to make the samples independent of the world size.
     batch_size: PositiveInt | None = None
-    # CPU only: decode with weight-major matmuls (W @ x^T), ~1.5x faster per step at small
-    # batch on MKL; same results up to float summation order. False: plain F.linear.
-    weight_major_matmul: bool = True
-    # "apactl": a plain KV-cache sampling loop (same tokens as generate(), less per-step
-    # overhead); "transformers": model.generate() (models with exotic caches).
-    loop: Literal["apactl", "transformers"] = "apactl"
+    # auto: the fastest decode for the device (CPU: apactl's KV-cache loop with weight-major
+    # matmuls; CUDA: a static cache replayed as a CUDA graph); "transformers": model.generate()
+    # (models with exotic caches). Every backend samples the same distribution.
+    backend: Literal["auto", "transformers"] = "auto"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in ("loop", "weight_major_matmul"):
+                if key in data:
+                    raise ValueError(f"{key}: removed; the decode is chosen per device "
+                                     "(generation.backend: auto | transformers)")
+        return data
 
 
-class RewardConfig(Section):
-    # "reward-model" (a sequence-classifier folder) or a registered programmatic judge.
-    judge: str = "reward-model"
-    name_or_path: str | None = None
+class JudgeSpec(Section):
+    """One judge of (prompt, response) pairs, the same schema wherever a judge is named.
+
+    ``name``: a registered judge (``apactl.judges``: "reward-model", "sentiment", ...) or an
+    import path ``package.module:factory`` of your own (called with ``**args``).
+    """
+
+    name: str
+    path: str | None = None  # reward-model folder
     args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the judge
-    normalize: bool = True  # reward models: use the mean/std saved by `apactl rm`
-    clip: PositiveFloat | None = None  # clip the (normalised) score to [-clip, clip]
-    batch_size: PositiveInt = 16
+    label: str | None = None  # column name in reports; default: name
+    # Reward models: use the mean/std saved by `apactl rm` (other judges ignore it).
+    normalize: bool = False
+    batch_size: PositiveInt = 16  # texts per reward-model forward
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            old = [k for k in ("judge", "name_or_path") if k in data]
+            if old:
+                raise ValueError(f"{' and '.join(old)}: renamed; a judge is "
+                                 "{name, path, args, normalize, batch_size} everywhere "
+                                 "(judge -> name, name_or_path -> path)")
+        return data
 
     @model_validator(mode="after")
-    def _check(self) -> RewardConfig:
+    def _check(self) -> JudgeSpec:
         from apactl.judges import check_judge
 
-        check_judge(self.judge, self.name_or_path)
+        check_judge(self.name, self.path, self.args)
         return self
+
+    @property
+    def key(self) -> str:
+        """The judge's column name in reports."""
+        return self.label or self.name
+
+
+class RewardConfig(JudgeSpec):
+    """The judge whose score align maximises (usually the proxy reward model)."""
+
+    name: str = "reward-model"
+    normalize: bool = True  # reward models: scores in units of the RM's std over its data
+    clip: PositiveFloat | None = None  # clip the (normalised) score to [-clip, clip]
 
 
 class CriticConfig(Section):
@@ -375,10 +449,23 @@ class AlignRecipe(RecipeBase):
 
     @model_validator(mode="after")
     def _critic_source(self) -> AlignRecipe:
-        if self.critic.init == "reward" and self.reward.judge != "reward-model":
+        if self.critic.init == "reward" and self.reward.name != "reward-model":
             raise ValueError(
                 "critic.init: 'reward' needs a reward-model judge to copy; set critic.init=policy"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _full_distribution(self) -> AlignRecipe:
+        # old_logprobs, ref_logprobs and the KL describe the temperature-scaled distribution;
+        # with top-k/top-p the sampled one differs, and a token outside a later policy's top-k
+        # has probability 0 there (infinite log-ratio): refuse rather than compute wrong ratios.
+        g = self.generation
+        for key, off in (("top_k", g.top_k == 0), ("top_p", g.top_p == 1.0)):
+            if not off:
+                raise ValueError(f"generation.{key}: align samples the full (temperature-scaled) "
+                                 f"distribution that its log-probs and KL describe; unset {key} "
+                                 "(use generation.temperature to sharpen sampling)")
         return self
 
     @model_validator(mode="after")
@@ -398,26 +485,6 @@ class PolicySpec(Section):
     # is checked when `apactl eval` runs, not by `recipe validate` (see _path_fields).
     path: str
     checkpoints: bool = False  # evaluate every checkpoint of a run folder too (as name@step)
-
-
-class JudgeSpec(Section):
-    name: str  # "reward-model" or a registered programmatic judge, e.g. "sentiment"
-    path: str | None = None  # reward-model folder
-    args: dict[str, Any] = Field(default_factory=dict)
-    label: str | None = None  # column name in reports; default: name
-    normalize: bool = False  # reward models: use the mean/std saved by `apactl rm`
-
-    @model_validator(mode="after")
-    def _check(self) -> JudgeSpec:
-        from apactl.judges import check_judge
-
-        check_judge(self.name, self.path)
-        return self
-
-    @property
-    def key(self) -> str:
-        """The judge's column name in reports."""
-        return self.label or self.name
 
 
 class EvalConfig(Section):
@@ -479,6 +546,8 @@ class EvalRecipe(RecipeBase):
             else:
                 kept.append(JudgeSpec(name=name))
         if problems:
+            from apactl.errors import RecipeError
+
             raise RecipeError(problems)
         return self.model_copy(update={"judges": kept})
 
@@ -513,179 +582,3 @@ RECIPES: dict[str, type[RecipeBase]] = {
     "eval": EvalRecipe,
     "label": LabelRecipe,
 }
-
-
-# ----------------------------------------------------------------------------------- loading
-class RecipeError(Exception):
-    """A user error in a recipe: ``problems`` are one-line messages naming the dotted path."""
-
-    def __init__(self, problems: list[str]):
-        super().__init__("\n".join(problems))
-        self.problems = problems
-
-
-def _format_errors(err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        # Drop the discriminator tag pydantic inserts for the union member (algo.apa.lam).
-        if len(loc) >= 2 and loc[0] == "algo" and loc[1] in ("apa", "ppo", "awr"):
-            loc = [loc[0]] + loc[2:]
-        path = ".".join(loc) or "<recipe>"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-            if loc and loc[0] == "algo":
-                msg += " for this algorithm (keys of another algo.name?)"
-        elif e["type"] == "union_tag_invalid":
-            msg = "unknown algorithm; expected one of: apa, ppo, awr"
-        elif "input" in e and e["type"] not in ("missing",) and not isinstance(
-            e["input"], (dict, list)
-        ):
-            msg += f", got {e['input']!r}"
-        problems.append(f"{path}: {msg}")
-    return problems
-
-
-def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Read YAML and merge dotted ``key=value`` overrides (OmegaConf syntax)."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    p = Path(path)
-    if not p.is_file():
-        raise RecipeError([f"recipe: file not found: {p}"])
-    try:
-        base = OmegaConf.load(p)
-    except Exception as exc:  # yaml errors carry multi-line context; keep the first line
-        raise RecipeError([f"recipe: cannot parse {p}: {str(exc).splitlines()[0]}"]) from None
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise RecipeError([f"override {o!r}: expected key=value" for o in bad])
-    try:
-        merged = OmegaConf.merge(base, OmegaConf.from_dotlist(list(overrides)))
-        data = OmegaConf.to_container(merged, resolve=True)
-    except (OmegaConfBaseException, TypeError, ValueError) as exc:
-        # e.g. a list index into a mapping (policies.0.path=...) raises TypeError in OmegaConf.
-        raise RecipeError([f"override: {str(exc).splitlines()[0]}"]) from None
-    if not isinstance(data, dict):
-        raise RecipeError([f"recipe: {p} must be a mapping at the top level"])
-    return data
-
-
-def parse_recipe(data: dict[str, Any], kind: str | None = None,
-                 check_files: bool = True) -> RecipeBase:
-    """Validate a raw mapping; ``kind`` (the command) must agree with the recipe's ``kind``."""
-    rkind = data.get("kind", kind)
-    if rkind is None:
-        raise RecipeError([f"kind: missing; expected one of: {', '.join(RECIPES)}"])
-    if rkind not in RECIPES:
-        raise RecipeError([f"kind: unknown recipe kind {rkind!r}; expected one of: "
-                           f"{', '.join(RECIPES)}"])
-    if kind is not None and rkind != kind:
-        raise RecipeError([f"kind: this is a {rkind!r} recipe, but the command runs {kind!r}"])
-    data = {**data, "kind": rkind}
-    try:
-        recipe = RECIPES[rkind].model_validate(data)
-    except ValidationError as err:
-        raise RecipeError(_format_errors(err)) from None
-    problems = check_paths(recipe) if check_files else []
-    if problems:
-        raise RecipeError(problems)
-    return recipe
-
-
-def load_recipe(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), kind: str | None = None,
-    check_files: bool = True,
-) -> RecipeBase:
-    """YAML + overrides -> a validated recipe; ``check_files=False`` skips missing-file checks
-    (for pipelines whose later stages read files the earlier stages write)."""
-    return parse_recipe(load_raw(path, overrides), kind, check_files)
-
-
-_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".gz", ".gguf", ".txt")
-BUILTIN = "builtin:"
-
-
-def builtin_data() -> dict[str, Path]:
-    """Datasets shipped inside the package, usable as ``data.source: builtin:NAME``."""
-    folder = Path(__file__).parent / "assets" / "data"
-    return {p.name.split(".")[0]: p for p in sorted(folder.glob("*.jsonl"))}
-
-
-def resolve_source(ref: str) -> str:
-    """``builtin:NAME`` -> the shipped file's path; anything else unchanged."""
-    if ref.startswith(BUILTIN):
-        name = ref[len(BUILTIN):]
-        files = builtin_data()
-        if name not in files:
-            raise RecipeError([f"data.source: unknown built-in dataset {name!r}; available: "
-                               f"{', '.join(files) or 'none'}"])
-        return str(files[name])
-    return ref
-
-
-def looks_local(ref: str) -> bool:
-    """A reference is a local path if it exists, starts like a path or has a file suffix."""
-    parts = Path(ref).parts
-    return (
-        ref.startswith(BUILTIN)
-        or Path(ref).exists()
-        or ref.startswith((".", "/", "~"))
-        or ref.endswith(_LOCAL_SUFFIXES)
-        # Hub ids are "owner/name": deeper paths, or our own run folders, are local.
-        or len(parts) > 2
-        or (len(parts) > 1 and (parts[0] == "apactl-runs" or Path(parts[0]).is_dir()))
-    )
-
-
-def check_paths(recipe: RecipeBase) -> list[str]:
-    """Missing local files are reported before any model loads."""
-    problems = []
-    for dotted, value in _path_fields(recipe):
-        if value and value.startswith(BUILTIN):
-            try:
-                resolve_source(value)
-            except RecipeError as exc:
-                problems += exc.problems
-        elif value and looks_local(value) and not Path(value).expanduser().exists():
-            problems.append(f"{dotted}: file not found: {value}")
-    return problems
-
-
-def _path_fields(recipe: RecipeBase) -> list[tuple[str, str | None]]:
-    out: list[tuple[str, str | None]] = []
-    data = getattr(recipe, "data", None)
-    if data is not None:
-        out.append(("data.source", data.source))
-    judge = getattr(recipe, "judge", None)
-    if judge is not None and judge.path:
-        out.append(("judge.path", judge.path))
-    for section in ("model", "policy"):
-        m = getattr(recipe, section, None)
-        if m is not None:
-            out.append((f"{section}.name_or_path", m.name_or_path))
-    if isinstance(recipe, AlignRecipe) and recipe.reward.name_or_path:
-        out.append(("reward.name_or_path", recipe.reward.name_or_path))
-    if isinstance(recipe, EvalRecipe):
-        # Eval policies are usually run folders that other commands create first (apactl align),
-        # so a shipped eval recipe must validate before they exist: `apactl eval` checks
-        # policies.N.path when it runs. The baseline and judge paths are checked here.
-        if recipe.baseline is not None:
-            out.append(("baseline.path", recipe.baseline.path))
-        out += [(f"judges.{i}.path", j.path) for i, j in enumerate(recipe.judges)]
-    return out
-
-
-def recipe_to_yaml(recipe: RecipeBase) -> str:
-    import yaml
-
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
-
-
-def recipe_schema(kind: str) -> dict[str, Any]:
-    if kind not in RECIPES:
-        raise RecipeError([f"kind: unknown recipe kind {kind!r}; expected one of: "
-                           f"{', '.join(RECIPES)}"])
-    return RECIPES[kind].model_json_schema()

@@ -18,19 +18,24 @@ from __future__ import annotations
 
 import csv
 import gzip
+import io
+import json
 import re
-import shutil
-import tempfile
 import warnings
-from collections.abc import Sequence
+import zlib
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from apactl.config import DataConfig, FieldMap, looks_local, resolve_source
+from apactl.errors import DataError
+from apactl.sources import looks_local, resolve_source
 
 if TYPE_CHECKING:
     import torch
+
+    from apactl.config import DataConfig, FieldMap
 
 Kind = Literal["sft", "preference", "prompt"]
 Messages = list[dict[str, str]]
@@ -46,23 +51,24 @@ KIND_FORMATS: dict[str, tuple[str, ...]] = {
 }
 
 
-class DataError(Exception):
-    """A user error in the data; one line: ``source: row N: field 'f': problem``."""
+def _one_line(text: str) -> str:
+    # Messages quote file content (column names, paths): keep them on one line and printable
+    # (a lone surrogate from undecodable bytes would make printing the message itself fail).
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _error(source: str, row: int | None, name: str | None, problem: str) -> DataError:
-    parts = [source]
-    if row is not None:
-        parts.append(f"row {row}")
-    if name is not None:
-        parts.append(f"field '{name}'")
-    return DataError(": ".join([*parts, problem]))
+    detail = problem if name is None else f"field '{name}': {problem}"
+    head = source if row is None else f"{source}: row {row}"
+    return DataError(_one_line(f"{head}: {detail}"), source, row, _one_line(detail))
 
 
 class _BadField(Exception):
-    """Raised by the row parsers, which know the field but not the source or row number."""
+    """Raised by the row parsers, which know the field (None: the whole row) but not the source
+    or row number."""
 
-    def __init__(self, name: str, problem: str):
+    def __init__(self, name: str | None, problem: str):
         super().__init__(problem)
         self.name, self.problem = name, problem
 
@@ -103,20 +109,59 @@ class DataReport:
     skipped: list[str] = field(default_factory=list)  # the first MAX_REPORTED skip messages
     n_train: int = 0
     n_eval: int = 0
+    skipped_errors: list[DataError] = field(default_factory=list, repr=False)  # the same rows
 
-    def skip(self, message: str) -> None:
+    def skip(self, err: DataError) -> None:
+        """Count a dropped row; the first MAX_REPORTED are kept to say which rows they were."""
         self.n_skipped += 1
         if len(self.skipped) < MAX_REPORTED:
-            self.skipped.append(message)
+            self.skipped.append(str(err))
+            self.skipped_errors.append(err)
+
+    def skipped_summary(self) -> str:
+        """``3 bad rows skipped: row 4 (field 'chosen': same as 'rejected'), row 9 (...)``, the
+        first MAX_REPORTED then ``, and N more``; rows of another file (an eval_split file) are
+        prefixed with its name. "" when no row was skipped."""
+        if not self.n_skipped:
+            return ""
+        shown = [self._describe(err) for err in self.skipped_errors]
+        more = self.n_skipped - len(shown)
+        rows = "row" if self.n_skipped == 1 else "rows"
+        return (f"{self.n_skipped} bad {rows} skipped: {', '.join(shown)}"
+                + (f", and {more} more" if more else ""))
+
+    def _describe(self, err: DataError) -> str:
+        where = "" if err.source in (None, self.source) else f"{err.source} "
+        return f"{where}row {err.row} ({err.detail})"
 
     def summary(self) -> str:
+        """``source (format): N rows, T train, E eval`` and the skipped_summary, if any."""
         text = (f"{self.source} ({self.format}): {self.total_rows} rows, {self.n_train} train, "
                 f"{self.n_eval} eval")
-        return text + (f", {self.n_skipped} skipped" if self.n_skipped else "")
+        return text + (f"; {self.skipped_summary()}" if self.n_skipped else "")
 
 
 # ----------------------------------------------------------------------------------- loading
-_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+FILE_TYPES = (".jsonl", ".json", ".parquet", ".csv")
+
+
+@dataclass
+class UnreadableRow:
+    """Stands in for a row of a local file that could not be read (invalid JSON or UTF-8, a CSV
+    line with the wrong number of cells): a bad row like any other, so ``on_bad_row: skip`` can
+    drop it and the message names its row."""
+
+    name: str | None  # the field the problem is in, when known
+    problem: str
+
+
+class _BadFile(Exception):
+    """Raised by the file readers, which know the row (None: the whole file) but not the name
+    the user gave the file."""
+
+    def __init__(self, problem: str, row: int | None = None):
+        super().__init__(problem)
+        self.problem, self.row = problem, row
 
 
 def _quiet_datasets() -> None:
@@ -134,14 +179,15 @@ def _root_message(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
-def load_rows(cfg: DataConfig, split: str | None = None) -> tuple[list[dict[str, Any]], str]:
+def load_rows(cfg: DataConfig, split: str | None = None) -> tuple[list[Any], str]:
     """Raw rows in source order and a display name for messages.
 
-    A local file is a single split, so ``split`` only applies to hub datasets.
+    A local file is a single split, so ``split`` only applies to hub datasets. Hub rows are
+    dicts; for what a local file's rows can be, see ``read_local``.
     """
-    _quiet_datasets()
     if looks_local(cfg.source):
         return read_local(resolve_source(cfg.source)), cfg.source
+    _quiet_datasets()
     import datasets
 
     split = split or cfg.split
@@ -159,68 +205,296 @@ def _hub_name(cfg: DataConfig, split: str) -> str:
     return name + (f"/{cfg.data_dir}" if cfg.data_dir else "") + f"[{split}]"
 
 
-def read_local(ref: str) -> list[dict[str, Any]]:
-    """Rows of one local .jsonl/.json/.parquet/.csv file (optionally .gz), in file order."""
+def read_local(ref: str) -> list[Any]:
+    """Rows of one local .jsonl/.json/.parquet/.csv file (optionally .gz), in file order.
+
+    A row is normally a dict; a JSON value that is not an object is returned as it is and a row
+    that cannot be read is an ``UnreadableRow``, both to be reported as bad rows. Rows count
+    from 0 and blank lines are not rows (as in the ``datasets`` readers this replaced). The file
+    is read here, not through ``datasets``: a local load makes no hub request, reads no hub
+    cache and sends no telemetry, whatever the environment says.
+    """
     path = Path(ref).expanduser()
-    if not path.is_file():
-        raise DataError(f"{ref}: file not found")
-    name = path.name.lower()
-    gz = name.endswith(".gz")
-    suffix = Path(name.removesuffix(".gz")).suffix
-    if suffix not in _BUILDERS:
-        raise DataError(f"{ref}: unsupported file type; expected .jsonl, .json, .parquet or "
-                        ".csv, optionally .gz")
+    suffix = _file_type(path, ref)
     try:
-        if suffix == ".parquet" and gz:
-            return _read_gz_parquet(path)
-        return _load_file(_BUILDERS[suffix], path)
-    except DataError:
-        raise
-    except Exception as exc:
-        raise DataError(f"{ref}: cannot read as {suffix[1:]}: {_root_message(exc)}") from exc
+        rows = _read(path, suffix)
+    except _BadFile as bad:
+        raise _error(ref, bad.row, None, bad.problem) from None
+    except Exception as exc:  # pyarrow's errors: not parquet, corrupt pages, ...
+        raise _error(ref, None, None, f"cannot read as {suffix[1:]}: {_root_message(exc)}") \
+            from exc
+    if not rows:
+        raise _error(ref, None, None, "empty file (no rows)")
+    return rows
 
 
-def _load_file(builder: str, path: Path, cache_dir: str | None = None) -> list[dict[str, Any]]:
-    # json and csv readers decompress .gz themselves; one data file keeps the file's row order.
-    import datasets
-
-    kwargs: dict[str, Any] = {"cache_dir": cache_dir}
-    if builder == "csv":
-        kwargs.update(_csv_options(path))
-    ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
-    return ds.to_list()
-
-
-def _csv_options(path: Path) -> dict[str, Any]:
-    """CSV cells are text: read every column as a string ("007" stays "007", "NA" stays "NA";
-    an empty cell becomes "" and is reported as empty text)."""
-    import datasets
-
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rt", newline="", encoding="utf-8") as f:
-        header = next(csv.reader(f), None)
-    if not header:
-        raise DataError(f"{path}: empty CSV file (no header row)")
-    features = datasets.Features({c: datasets.Value("string") for c in header})
-    return {"features": features, "keep_default_na": False}
+def _file_type(path: Path, ref: str) -> str:
+    """".jsonl", ".json", ".parquet" or ".csv", once ``path`` is known to be such a file."""
+    expected = "expected a .jsonl, .json, .parquet or .csv file, optionally .gz"
+    if path.is_dir():
+        raise _error(ref, None, None, f"is a directory; {expected}")
+    if not path.exists():
+        raise _error(ref, None, None, "file not found")
+    if not path.is_file():  # a FIFO or device could block or never end
+        raise _error(ref, None, None, f"not a regular file; {expected}")
+    suffix = Path(path.name.lower().removesuffix(".gz")).suffix
+    if suffix not in FILE_TYPES:
+        raise _error(ref, None, None, f"unsupported file type; {expected}")
+    return suffix
 
 
-def _read_gz_parquet(path: Path) -> list[dict[str, Any]]:
-    # The parquet reader cannot stream through gzip: decompress to a scratch copy (and cache
-    # there too, so throwaway paths do not pile up in the user's datasets cache).
-    with tempfile.TemporaryDirectory() as tmp:
-        plain = Path(tmp) / path.name.removesuffix(".gz")
-        with gzip.open(path, "rb") as src, open(plain, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        return _load_file("parquet", plain, cache_dir=str(Path(tmp) / "cache"))
+def _read(path: Path, suffix: str) -> list[Any]:
+    data = _file_bytes(path)
+    if suffix == ".parquet":
+        return _parquet_rows(data)
+    text, raw = _decode(data)
+    if suffix == ".csv":
+        return _csv_rows(text, raw)
+    return _json_rows(text, raw) if suffix == ".json" else _jsonl_rows(text, raw)
+
+
+def _file_bytes(path: Path) -> bytes:
+    """The file's bytes, decompressed when its name ends in .gz."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise _BadFile(f"cannot read: {exc.strerror or exc}") from None
+    if not path.name.lower().endswith(".gz"):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:  # not gzip, truncated or corrupt
+        raise _BadFile(f"not a valid gzip file: {_root_message(exc)}") from None
+
+
+# Undecodable bytes are decoded to lone surrogates (U+DC80..U+DCFF, "surrogateescape") so rows
+# can still be split and the bytes reported with the row and field they are in. A lone
+# surrogate can also come from a JSON escape ("\udc80"; a valid pair makes one character).
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
+_ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")
+_WS = re.compile(r"[ \t\n\r]*")  # JSON whitespace
+
+
+def _decode(data: bytes) -> tuple[str, bool]:
+    """(text, whether some bytes were not UTF-8, so it holds surrogates)."""
+    try:
+        text, raw = data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, raw = data.decode("utf-8", errors="surrogateescape"), True
+    return text.removeprefix("\ufeff"), raw  # a byte-order mark (Excel, Notepad) is not data
+
+
+def _suspect(text: str, raw: bool, pos: int = 0, end: int | None = None) -> bool:
+    """Whether text[pos:end] may give a lone surrogate; cheap tests first, as this runs on
+    every row."""
+    end = len(text) if end is None else end
+    return ((raw and _SURROGATE.search(text, pos, end) is not None)
+            or ("\\u" in text[pos:end] and _ESCAPED_SURROGATE.search(text, pos, end) is not None))
+
+
+def _bad_unicode(value: Any) -> tuple[str | None, str] | None:
+    """(field path, character) of the first lone surrogate in a parsed row, keys included; no
+    tokenizer can encode one."""
+    stack: list[tuple[str | None, Any]] = [(None, value)]
+    while stack:
+        name, item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                return name, found.group()
+            continue
+        if isinstance(item, dict):  # the key itself is checked under its own path too
+            children = [(_join(name, str(k)), x) for k, v in item.items() for x in (k, v)]
+        elif isinstance(item, list):
+            children = [(f"{name or ''}[{i}]", v) for i, v in enumerate(item)]
+        else:
+            continue
+        stack.extend(reversed(children))
+    return None
+
+
+def _join(name: str | None, key: str) -> str:
+    return key if name is None else f"{name}.{key}"
+
+
+def _surrogate_problem(char: str, where: str) -> str:
+    code = ord(char)
+    if 0xDC80 <= code <= 0xDCFF:
+        return f"invalid UTF-8: byte 0x{code - 0xDC00:02x} ({where})"
+    return f"invalid Unicode: lone surrogate \\u{code:04x} ({where})"
+
+
+def _unicode_checked(value: Any, where: str) -> Any:
+    """``value``, or an UnreadableRow naming the field whose text is not valid Unicode."""
+    bad = _bad_unicode(value)
+    return value if bad is None else UnreadableRow(bad[0], _surrogate_problem(bad[1], where))
+
+
+def _where(text: str, pos: int) -> str:
+    line_start = text.rfind("\n", 0, pos) + 1
+    return f"line {text.count(chr(10), 0, pos) + 1}, column {pos - line_start + 1}"
+
+
+def _json_problem(exc: Exception, text: str, line: int) -> str:
+    """Why ``text`` (its first line is the file's line ``line``) is not JSON, and where."""
+    if not isinstance(exc, json.JSONDecodeError):  # nested too deeply, too many digits
+        why = "nested too deeply" if isinstance(exc, RecursionError) else _root_message(exc)
+        return f"invalid JSON: {why} (line {line})"
+    where = f"line {line + exc.lineno - 1}, column {exc.colno}"
+    bad = _SURROGATE.match(text, exc.pos)  # a stray byte outside any string
+    return _surrogate_problem(bad.group(), where) if bad else f"invalid JSON: {exc.msg} ({where})"
+
+
+def _jsonl_rows(text: str, raw: bool) -> list[Any]:
+    """One JSON value per line. Blank lines are not rows, so messages give the line as well."""
+    rows = []
+    for n, line in enumerate(text.split("\n"), 1):  # not splitlines: U+2028 may be in a string
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError) as exc:
+            rows.append(UnreadableRow(None, _json_problem(exc, line, n)))
+            continue
+        rows.append(_unicode_checked(value, f"line {n}") if _suspect(line, raw) else value)
+    return rows
+
+
+def _json_rows(text: str, raw: bool) -> list[Any]:
+    """A JSON array of rows; or, as the ``datasets`` json reader also took, one value per line
+    (a single value over several lines is one row)."""
+    start = _WS.match(text).end()
+    if text.startswith("[", start):
+        return _json_array(text, start, raw)
+    if start == len(text):
+        return []
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return _jsonl_rows(text, raw)
+    return [_unicode_checked(value, "line 1") if _suspect(text, raw) else value]
+
+
+def _json_array(text: str, start: int, raw: bool) -> list[Any]:
+    """The elements of the array at ``text[start]``, parsed one at a time so that a syntax
+    error names its element (row); after one, the rest cannot be trusted: the file is bad."""
+    decoder, rows = json.JSONDecoder(), []
+    pos = _WS.match(text, start + 1).end()
+    closed = text.startswith("]", pos)
+    while not closed:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except (ValueError, RecursionError) as exc:
+            line = 1 if isinstance(exc, json.JSONDecodeError) else text.count("\n", 0, pos) + 1
+            raise _BadFile(_json_problem(exc, text, line), len(rows)) from None
+        if _suspect(text, raw, pos, end):
+            value = _unicode_checked(value, _where(text, pos))
+        rows.append(value)
+        pos = _WS.match(text, end).end()
+        closed = text.startswith("]", pos)
+        if not closed:
+            if not text.startswith(",", pos):
+                raise _BadFile(f"invalid JSON: expected ',' or ']' after the element "
+                               f"({_where(text, pos)})", len(rows) - 1)
+            pos = _WS.match(text, pos + 1).end()
+    pos = _WS.match(text, pos + 1).end()  # past the "]"
+    if pos < len(text):
+        raise _BadFile(f"invalid JSON: extra data after the array ({_where(text, pos)})")
+    if not rows:
+        raise _BadFile("no rows (an empty JSON array)")
+    return rows
+
+
+@contextmanager
+def _csv_field_limit(limit: int = 2**31 - 1) -> Iterator[None]:
+    # The csv module refuses cells over 128 KiB, shorter than some dialogues. The limit is
+    # process-wide, so the old one is put back.
+    old = csv.field_size_limit(limit)
+    try:
+        yield
+    finally:
+        csv.field_size_limit(old)
+
+
+def _csv_records(text: str) -> list[tuple[int, list[str]]]:
+    """(first line, cells) of each non-blank record; a quoted cell can span lines."""
+    # strict: an unclosed quote is an error, not a cell that swallows the rest of the file.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+    records: list[tuple[int, list[str]]] = []
+    line = 1
+    with _csv_field_limit():
+        try:
+            for cells in reader:
+                if not _blank_record(cells):
+                    records.append((line, cells))
+                line = reader.line_num + 1
+        except csv.Error as exc:  # records[0] is the header: the bad record is row len - 1
+            raise _BadFile(f"invalid CSV: {exc} (line {line})",
+                           len(records) - 1 if records else None) from None
+    return records
+
+
+def _blank_record(cells: list[str]) -> bool:
+    # An empty line gives [] and a whitespace-only one a single blank cell; a quoted empty cell
+    # ('""', what a writer puts out for an empty one-column row) gives [""], which is a row.
+    return not cells or (len(cells) == 1 and cells[0] != "" and not cells[0].strip())
+
+
+def _csv_rows(text: str, raw: bool) -> list[Any]:
+    """CSV cells are text: every value stays a string ("007" stays "007", "NA" stays "NA"; an
+    empty cell is "" and is reported as empty text). The first record is the header."""
+    records = _csv_records(text)
+    if not records:
+        return []
+    header = records[0][1]
+    for i, name in enumerate(header):
+        if name in header[:i]:
+            raise _BadFile(f"duplicate column {name!r} in the CSV header")
+    if len(records) == 1:
+        raise _BadFile("no rows (only a header line)")
+    rows: list[Any] = []
+    for line, cells in records[1:]:
+        if len(cells) != len(header):
+            rows.append(UnreadableRow(None, f"{len(cells)} cells, but the header has "
+                                            f"{len(header)} columns (line {line})"))
+            continue
+        row = dict(zip(header, cells))
+        rows.append(_unicode_checked(row, f"line {line}") if raw else row)
+    return rows
+
+
+def _parquet_rows(data: bytes) -> list[Any]:
+    import pyarrow as pa  # installed with datasets; imported here because it is slow to import
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(pa.BufferReader(data))
+    except pa.ArrowException as exc:  # not parquet, or corrupt; the buffer's name is noise
+        why = re.sub(r"^Could not open Parquet input source '[^']*': ", "", _root_message(exc))
+        raise _BadFile(f"cannot read as parquet: {why}") from None
+    if table.num_rows == 0:
+        raise _BadFile("no rows (an empty table)")
+    return table.to_pylist()
 
 
 # ------------------------------------------------------------------------------ row parsing
-def _text(value: Any, name: str) -> str:
-    if value is None:
-        raise _BadField(name, "missing")
+def _get(mapping: dict[str, Any], key: str, name: str | None = None, what: str = "columns") -> Any:
+    """``mapping[key]``; an absent key is a bad field ``name`` that lists the keys there are."""
+    if key in mapping:
+        return mapping[key]
+    raise _BadField(name or key, f"missing; {what}: {_key_list(mapping)}")
+
+
+def _key_list(mapping: dict[str, Any], limit: int = 12) -> str:
+    keys = [str(k) for k in mapping]
+    return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "") or "none"
+
+
+def _text(value: Any, name: str, expected: str = "a string") -> str:
+    if value is None:  # a null cell (parquet, JSON null): the column exists
+        raise _BadField(name, "missing (null)")
     if not isinstance(value, str):
-        raise _BadField(name, f"expected a string, got {type(value).__name__}")
+        raise _BadField(name, f"expected {expected}, got {type(value).__name__}")
     if not value.strip():
         raise _BadField(name, "empty text")
     return value
@@ -240,11 +514,11 @@ def _messages(value: Any, name: str) -> Messages:
         if not isinstance(msg, dict):
             raise _BadField(where, f"expected a {{role, content}} mapping, got "
                                    f"{type(msg).__name__}")
-        role = _text(msg.get("role"), f"{where}.role")
+        role = _text(_get(msg, "role", f"{where}.role", "keys"), f"{where}.role")
         if role not in ROLES:
             raise _BadField(f"{where}.role", f"unknown role {role!r}; expected one of "
                                              f"{', '.join(ROLES)}")
-        content = msg.get("content")
+        content = _get(msg, "content", f"{where}.content", "keys")
         if not (role == "system" and content == ""):  # an empty system turn is meaningful
             content = _text(content, f"{where}.content")
         out.append({"role": role, "content": content})
@@ -253,20 +527,20 @@ def _messages(value: Any, name: str) -> Messages:
 
 def _prompt(row: dict[str, Any], name: str) -> Messages:
     """A prompt column: a plain string (one user turn) or a list of messages."""
-    value = row.get(name)
+    value = _get(row, name)
     if isinstance(value, list):
         msgs = _messages(value, name)
         if msgs[-1]["role"] == "assistant":
             raise _BadField(name, "the prompt ends with an assistant message")
         return msgs
-    return [{"role": "user", "content": _text(value, name)}]
+    return [{"role": "user", "content": _text(value, name, "a string or a list of messages")}]
 
 
 def _reply(row: dict[str, Any], name: str) -> str:
     """A reply column: a string, or a messages list whose last message is the reply."""
-    value = row.get(name)
+    value = _get(row, name)
     if not isinstance(value, list):
-        return _text(value, name)
+        return _text(value, name, "a string or a list of messages")
     last = _messages(value, name)[-1]
     if last["role"] != "assistant":
         raise _BadField(name, f"last message must be the assistant reply, got {last['role']!r}")
@@ -274,7 +548,7 @@ def _reply(row: dict[str, Any], name: str) -> str:
 
 
 def _chat(row: dict[str, Any], name: str) -> tuple[Messages, str]:
-    msgs = _messages(row.get(name), name)
+    msgs = _messages(_get(row, name), name)
     if msgs[-1]["role"] != "assistant":
         raise _BadField(name, f"last message must be the assistant reply, got "
                               f"{msgs[-1]['role']!r}")
@@ -317,7 +591,7 @@ def parse_hh(text: str) -> tuple[Messages, str]:
 
 def _hh(row: dict[str, Any], name: str) -> tuple[Messages, str]:
     try:
-        return parse_hh(_text(row.get(name), name))
+        return parse_hh(_text(_get(row, name), name))
     except ValueError as exc:
         raise _BadField(name, str(exc)) from None
 
@@ -331,12 +605,23 @@ def _hh_pair(row: dict[str, Any], f: FieldMap) -> tuple[Messages, str, str]:
     return prompt, chosen, rejected
 
 
-def _parse_row(row: dict[str, Any], fmt: str, kind: Kind, f: FieldMap, i: int) -> Example:
+def _check_mapping(row: Any) -> dict[str, Any]:
+    """A raw row that is a mapping of columns; else raises _BadField for the whole row."""
+    if isinstance(row, UnreadableRow):
+        raise _BadField(row.name, row.problem)
+    if not isinstance(row, dict):
+        raise _BadField(None, f"expected an object of columns ({{\"prompt\": ...}}), got "
+                              f"{type(row).__name__}")
+    return row
+
+
+def _parse_row(raw: Any, fmt: str, kind: Kind, f: FieldMap, i: int) -> Example:
     """One raw row -> the example for ``kind``; raises _BadField."""
+    row = _check_mapping(raw)
     if kind == "prompt":
         return PromptExample(_prompt_only(row, fmt, f), i)
     if fmt == "sft":
-        return SFTExample(_prompt(row, f.prompt), _text(row.get(f.response), f.response), i)
+        return SFTExample(_prompt(row, f.prompt), _text(_get(row, f.response), f.response), i)
     if fmt == "chat":
         return SFTExample(*_chat(row, f.messages), i)
     if fmt == "hh":
@@ -344,7 +629,12 @@ def _parse_row(row: dict[str, Any], fmt: str, kind: Kind, f: FieldMap, i: int) -
     else:
         prompt = _prompt(row, f.prompt)
         pair = PreferenceExample(prompt, _reply(row, f.chosen), _reply(row, f.rejected), i)
-    return SFTExample(pair.messages, pair.chosen, i) if kind == "sft" else pair
+    if kind == "sft":
+        return SFTExample(pair.messages, pair.chosen, i)
+    # A pair of equal replies has no preference to learn (and gives a zero-margin pair).
+    if pair.chosen.strip() == pair.rejected.strip():
+        raise _BadField(f.chosen, f"same as '{f.rejected}'")
+    return pair
 
 
 def _prompt_only(row: dict[str, Any], fmt: str, f: FieldMap) -> Messages:
@@ -353,7 +643,7 @@ def _prompt_only(row: dict[str, Any], fmt: str, f: FieldMap) -> Messages:
         return _hh(row, f.chosen)[0]
     if fmt != "chat":
         return _prompt(row, f.prompt)
-    msgs = _messages(row.get(f.messages), f.messages)
+    msgs = _messages(_get(row, f.messages), f.messages)
     if msgs[-1]["role"] == "assistant":
         msgs = msgs[:-1]
     if not msgs:
@@ -368,29 +658,78 @@ def _looks_hh(value: Any) -> bool:
 
 def detect_format(row: dict[str, Any], fields: FieldMap, source: str) -> str:
     """The row shape from the (remapped) column names of a row; HH is recognised by its text."""
-    keys = set(row)
+    fmt = _detect(row, fields)
+    if fmt is None:
+        raise _error(source, None, None, f"cannot detect the data format from columns "
+                                         f"{sorted(map(str, row))}; set data.format or data.fields")
+    return fmt
+
+
+def _detect(cols: dict[str, Any], fields: FieldMap) -> str | None:
+    keys = set(cols)
     if fields.chosen in keys and fields.rejected in keys:
         if fields.prompt in keys:
             return "preference"
-        if _looks_hh(row[fields.chosen]):
+        if _looks_hh(cols[fields.chosen]):
             return "hh"
     elif fields.messages in keys:
         return "chat"
     elif fields.prompt in keys:
         return "sft" if fields.response in keys else "prompt"
-    raise DataError(f"{source}: cannot detect the data format from columns {sorted(keys)}; "
-                    "set data.format or data.fields")
+    return None
 
 
-def _resolve_format(cfg: DataConfig, first: dict[str, Any], source: str, kind: Kind) -> str:
-    fmt = detect_format(first, cfg.fields, source) if cfg.format == "auto" else cfg.format
-    if fmt not in KIND_FORMATS[kind]:
-        raise DataError(f"{source}: format '{fmt}' cannot give {kind} examples; expected "
-                        f"{' or '.join(KIND_FORMATS[kind])} data")
-    return fmt
+def _columns(rows: list[Any]) -> dict[str, Any]:
+    """Column -> its first non-null value, over every row that is a mapping: the columns of the
+    whole file, as a table reader sees them (a JSON row may leave out a key that others have)."""
+    cols: dict[str, Any] = {}
+    for row in rows:
+        if isinstance(row, dict):
+            for key, value in row.items():
+                if cols.get(key) is None:
+                    cols[key] = value
+    return cols
 
 
-def _parse_rows(rows: list[dict[str, Any]], start: int, fmt: str, kind: Kind, cfg: DataConfig,
+def _expected_fields(cols: dict[str, Any], f: FieldMap, kind: Kind) -> tuple[str, ...]:
+    """The columns of the row shape ``kind`` most plausibly needs, in the order to report them."""
+    if kind == "prompt":
+        return (f.prompt,)
+    if kind == "sft":
+        return (f.prompt, f.response)
+    if _looks_hh(cols.get(f.chosen)):
+        return (f.chosen, f.rejected)
+    return (f.prompt, f.chosen, f.rejected)
+
+
+def _resolve_format(cfg: DataConfig, rows: list[Any], start: int, source: str,
+                    kind: Kind) -> str:
+    """cfg.format, or the format detected from the columns of ``rows`` (source rows start,
+    start+1, ...). When no format fits ``kind``, the error names the missing column and the
+    columns there are."""
+    if cfg.format != "auto":
+        if cfg.format not in KIND_FORMATS[kind]:
+            raise DataError(f"{source}: format '{cfg.format}' cannot give {kind} examples; "
+                            f"expected {' or '.join(KIND_FORMATS[kind])} data")
+        return cfg.format
+    first = next((i for i, row in enumerate(rows) if isinstance(row, dict)), 0)
+    try:
+        cols = _columns(rows) or _check_mapping(rows[first])
+    except _BadField as bad:  # no row is an object: the first row's own problem says why
+        raise _error(source, start, bad.name, bad.problem) from None
+    fmt = _detect(cols, cfg.fields)
+    if fmt in KIND_FORMATS[kind]:
+        return fmt
+    why = (f"format '{fmt}' cannot give {kind} examples" if fmt else
+           "cannot detect the data format; set data.format or data.fields")
+    missing = [n for n in _expected_fields(cols, cfg.fields, kind) if n not in cols]
+    if not missing:
+        raise _error(source, None, None, f"{why}; columns: {_key_list(cols)}")
+    raise _error(source, start + first, missing[0], f"missing; columns: {_key_list(cols)} "
+                                                    f"({why})")
+
+
+def _parse_rows(rows: list[Any], start: int, fmt: str, kind: Kind, cfg: DataConfig,
                 source: str, report: DataReport) -> list[Example]:
     """Parse rows[i] as source row start+i; bad rows raise or are counted in ``report``."""
     out = []
@@ -401,7 +740,7 @@ def _parse_rows(rows: list[dict[str, Any]], start: int, fmt: str, kind: Kind, cf
             err = _error(source, i, bad.name, bad.problem)
             if cfg.on_bad_row == "error":
                 raise err from None
-            report.skip(str(err))
+            report.skip(err)
     return out
 
 
@@ -412,7 +751,7 @@ def _n_held_out(cfg: DataConfig, n: int, source: str) -> int:
     return k
 
 
-def _load_eval_split(cfg: DataConfig) -> tuple[list[dict[str, Any]], str]:
+def _load_eval_split(cfg: DataConfig) -> tuple[list[Any], str]:
     """A hub eval split is a split name; a local source has no splits, so it must be a file."""
     assert cfg.eval_split is not None
     if looks_local(cfg.source):
@@ -431,14 +770,14 @@ def load_examples(cfg: DataConfig, kind: Kind) -> tuple[list[Example], list[Exam
     skip = cfg.skip_rows  # row numbers in messages stay source row numbers
     rows = rows[skip:][: cfg.max_rows]
     if not rows:
-        raise DataError(f"{source}: no rows")
-    fmt = _resolve_format(cfg, rows[0], source, kind)
+        raise DataError(f"{source}: no rows" + (f" after skip_rows={skip}" if skip else ""))
+    fmt = _resolve_format(cfg, rows, skip, source, kind)
     report = DataReport(source=source, format=fmt, total_rows=len(rows))
     if cfg.eval_split is not None:
         eval_rows, eval_source = _load_eval_split(cfg)
         eval_rows = eval_rows[: cfg.max_rows]
         # A separate file may have another shape (e.g. prompts to evaluate an SFT run on).
-        eval_fmt = _resolve_format(cfg, eval_rows[0], eval_source, kind) if eval_rows else fmt
+        eval_fmt = _resolve_format(cfg, eval_rows, 0, eval_source, kind) if eval_rows else fmt
         train = _parse_rows(rows, skip, fmt, kind, cfg, source, report)
         held_out = _parse_rows(eval_rows, 0, eval_fmt, kind, cfg, eval_source, report)
         report.total_rows += len(eval_rows)
@@ -514,14 +853,18 @@ def _prompt_ids(tokenizer: Any, examples: Sequence[Example]) -> list[list[int]]:
     return _encode(tokenizer, [render_prompt(tokenizer, e.messages) for e in examples])
 
 
-def _fits(ids: list[int], ex: Example, max_prompt_len: int, on_bad_row: str, source: str) -> bool:
-    """False = skip this example; raises DataError when on_bad_row is "error"."""
+def _fits(ids: list[int], ex: Example, max_prompt_len: int, on_bad_row: str, source: str,
+          report: DataReport | None) -> bool:
+    """False = skip this example (recorded in ``report`` if given); raises DataError when
+    on_bad_row is "error"."""
     if len(ids) <= max_prompt_len:
         return True
     err = _error(source, ex.row, None,
                  f"prompt is {len(ids)} tokens, over max_prompt_len={max_prompt_len}")
     if on_bad_row == "error":
         raise err
+    if report is not None:
+        report.skip(err)
     return False
 
 
@@ -556,15 +899,18 @@ def _n_tokens(tokenizer: Any, messages: Messages) -> int:
 
 
 def tokenize_sft(tokenizer: Any, examples: Sequence[SFTExample], max_prompt_len: int,
-                 max_len: int, on_bad_row: str = "error",
-                 source: str = "data") -> tuple[list[dict[str, list[int]]], int]:
+                 max_len: int, on_bad_row: str = "error", source: str = "data",
+                 report: DataReport | None = None) -> tuple[list[dict[str, list[int]]], int]:
     """Items ``{"input_ids": [n], "labels": [n]}`` with n <= max_len and labels -100 on the
-    prompt (loss on the reply only; the reply is truncated to fit). Returns (items, n_skipped)."""
+    prompt (loss on the reply only; the reply is truncated to fit). Returns (items, n_skipped).
+
+    Prompts over ``max_prompt_len`` are bad rows; with ``report``, skipped ones are also added to
+    it (so report.n_skipped already counts them and its summary names them)."""
     replies = _encode(tokenizer, [render_response(tokenizer, e.messages, e.response)
                                   for e in examples])
     items, skipped = [], 0
     for ex, p, r in zip(examples, _prompt_ids(tokenizer, examples), replies, strict=True):
-        if not _fits(p, ex, max_prompt_len, on_bad_row, source):
+        if not _fits(p, ex, max_prompt_len, on_bad_row, source, report):
             skipped += 1
             continue
         r = r[: max_len - len(p)]
@@ -574,9 +920,10 @@ def tokenize_sft(tokenizer: Any, examples: Sequence[SFTExample], max_prompt_len:
 
 def tokenize_preference(tokenizer: Any, examples: Sequence[PreferenceExample],
                         max_prompt_len: int, max_len: int, on_bad_row: str = "error",
-                        source: str = "data") -> tuple[list[dict[str, list[int]]], int]:
+                        source: str = "data", report: DataReport | None = None,
+                        ) -> tuple[list[dict[str, list[int]]], int]:
     """Items ``{"chosen_ids": [n1], "rejected_ids": [n2]}``: prompt + reply, each <= max_len.
-    Returns (items, n_skipped)."""
+    Returns (items, n_skipped); bad rows and ``report`` as in tokenize_sft."""
     def replies(attr: str) -> list[list[int]]:
         return _encode(tokenizer, [render_response(tokenizer, e.messages, getattr(e, attr))
                                    for e in examples])
@@ -585,7 +932,7 @@ def tokenize_preference(tokenizer: Any, examples: Sequence[PreferenceExample],
                replies("rejected"), strict=True)
     items, skipped = [], 0
     for ex, p, c, r in rows:
-        if not _fits(p, ex, max_prompt_len, on_bad_row, source):
+        if not _fits(p, ex, max_prompt_len, on_bad_row, source, report):
             skipped += 1
             continue
         room = max_len - len(p)
@@ -594,13 +941,13 @@ def tokenize_preference(tokenizer: Any, examples: Sequence[PreferenceExample],
 
 
 def tokenize_prompts(tokenizer: Any, examples: Sequence[Example], max_prompt_len: int,
-                     on_bad_row: str = "error",
-                     source: str = "data") -> tuple[list[dict[str, Any]], int]:
+                     on_bad_row: str = "error", source: str = "data",
+                     report: DataReport | None = None) -> tuple[list[dict[str, Any]], int]:
     """Items ``{"input_ids": [n], "messages": Messages, "row": int}`` (n <= max_prompt_len) for
-    generation. Returns (items, n_skipped)."""
+    generation. Returns (items, n_skipped); bad rows and ``report`` as in tokenize_sft."""
     items, skipped = [], 0
     for ex, p in zip(examples, _prompt_ids(tokenizer, examples), strict=True):
-        if not _fits(p, ex, max_prompt_len, on_bad_row, source):
+        if not _fits(p, ex, max_prompt_len, on_bad_row, source, report):
             skipped += 1
             continue
         items.append({"input_ids": p, "messages": ex.messages, "row": ex.row})

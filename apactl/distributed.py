@@ -104,15 +104,6 @@ class Dist:
         return [merged[j] for j in sorted(merged)]
 
 
-def chunk_seed(seed: int, *key: int) -> int:
-    """A seed that is a pure function of (run seed, key...): sampling of chunk j at iteration i
-    does not depend on which rank draws it or on what was drawn before (exact resume too)."""
-    h = seed % 2**61
-    for k in key:
-        h = (h * 1_000_003 + k + 7) % 2**61
-    return h
-
-
 def claim_error_report() -> bool:
     """True for the first rank of the job to fail (it prints the error), False for the others.
 

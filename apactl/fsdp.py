@@ -18,9 +18,9 @@ import torch
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
     from torch.distributed.fsdp import fully_shard
 
-    from apactl.models import _decoder_layers
+    from apactl.models import decoder_layers
 
-    for layer in _decoder_layers(model):
+    for layer in decoder_layers(model):
         fully_shard(layer)
     fully_shard(model)  # the rest: embeddings (tied to the LM head), final norm, head
     return model
@@ -45,11 +45,11 @@ def full_state(model: torch.nn.Module, opt=None) -> tuple[dict[str, Any], dict[s
         get_optimizer_state_dict,
     )
 
-    from apactl.checkpoint import _is_tied
+    from apactl.checkpoint import is_tied
 
     msd = get_model_state_dict(model, options=_options(cpu_offload=True))
     # Like save_pretrained: a tied LM head is the embedding matrix, stored once.
-    msd = {k: v for k, v in msd.items() if not _is_tied(model, k)}
+    msd = {k: v for k, v in msd.items() if not is_tied(model, k)}
     if opt is None:  # the final model: weights only
         return msd, {}
     osd = get_optimizer_state_dict(model, opt, options=_options(cpu_offload=True))

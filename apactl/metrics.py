@@ -6,6 +6,7 @@ metrics.jsonl reads exactly like an uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -21,7 +22,7 @@ def _clean(value: Any) -> Any:
     if hasattr(value, "item"):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # JSON has no NaN/inf; keep them visible as strings
+        return None  # JSON has no NaN/inf: null, as in report.json
     return value
 
 
@@ -126,23 +127,44 @@ def _fmt(v: float) -> str:
 
 
 class Timer:
-    """Accumulates wall time per phase: ``with timer("generate"): ...``; ``timer.pop()``."""
+    """Wall time (and, on CUDA, peak GPU memory) per phase: ``with timer("generate"): ...``.
 
-    def __init__(self):
+    ``wrap(name)`` is entered inside the timed region (``Hooks.wrap``: a benchmark counts FLOPs
+    there). ``pop()`` returns the seconds per phase; ``pop_memory()`` the peak GiB per phase.
+    """
+
+    def __init__(self, wrap=None, device=None):
         self.times: dict[str, float] = {}
+        self.memory: dict[str, float] = {}
+        self.wrap = wrap
+        self.cuda = device is not None and torch_device_type(device) == "cuda"
 
+    @contextlib.contextmanager
     def __call__(self, name: str):
-        timer = self
+        import torch
 
-        class _Ctx:
-            def __enter__(self):
-                self.t0 = time.perf_counter()
-
-            def __exit__(self, *exc):
-                timer.times[name] = timer.times.get(name, 0.0) + time.perf_counter() - self.t0
-
-        return _Ctx()
+        if self.cuda:
+            torch.cuda.synchronize()  # time the phase's own kernels, not queued earlier work
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        try:
+            with self.wrap(name) if self.wrap is not None else contextlib.nullcontext():
+                yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() / 2**30
+                self.memory[name] = max(self.memory.get(name, 0.0), peak)
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
 
     def pop(self) -> dict[str, float]:
         out, self.times = self.times, {}
         return out
+
+    def pop_memory(self) -> dict[str, float]:
+        out, self.memory = self.memory, {}
+        return out
+
+
+def torch_device_type(device) -> str:
+    return getattr(device, "type", str(device).split(":")[0])

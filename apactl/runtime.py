@@ -1,4 +1,5 @@
-"""Process-level setup shared by every workflow: seeds, threads, device, dtype, output folder."""
+"""Process-level setup shared by every workflow: process group, seeds, threads, device,
+precision and the output folder (locked, claimed, ``recipe.yaml`` written once)."""
 
 from __future__ import annotations
 
@@ -7,38 +8,54 @@ from pathlib import Path
 
 import torch
 
-from apactl.config import RecipeBase, recipe_to_yaml
+from apactl.config import RecipeBase
 from apactl.distributed import Dist, init_dist
 from apactl.errors import UserError
+from apactl.precision import Precision
+from apactl.run_folder import Lock
 
 
 @dataclass
 class Runtime:
-    device: torch.device
-    dtype: torch.dtype
+    precision: Precision
     output_dir: Path
     dist: Dist = field(default_factory=Dist)
+    resume_from: Path | None = None  # the checkpoint this run continues (None: a fresh start)
+    lock: Lock | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
 
     @property
     def is_main(self) -> bool:
         return self.dist.is_main
 
+    def __enter__(self) -> Runtime:
+        return self
 
-def setup_run(recipe: RecipeBase, save_recipe: bool = True) -> Runtime:
+    def __exit__(self, *exc) -> None:
+        if self.lock is not None:
+            self.lock.release()
+
+
+def setup_run(recipe: RecipeBase, resume: bool = False, overwrite: bool = False,
+              trains: bool = True) -> Runtime:
     """Join the process group (if launched so), seed, set threads and determinism, resolve
-    device/dtype, write ``recipe.yaml`` (rank 0 only)."""
+    device and precision, lock and claim the output folder, write ``recipe.yaml``.
+
+    ``trains``: the command trains and checkpoints (sft, rm, align): its folder must be empty,
+    its own resume (``resume``) or replaced (``overwrite``). Other commands only lock it.
+    """
     from apactl.checkpoint import seed_everything
     from apactl.metrics import console
-    from apactl.models import resolve_device, resolve_dtype
+    from apactl.precision import resolve_device, resolve_precision
 
     run = recipe.run
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
     if run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    if run.strategy == "fsdp" and recipe.kind != "sft":
-        raise UserError(f"run.strategy: fsdp is implemented for sft only, not {recipe.kind}; "
-                        "use ddp")
     dist, rank_device = init_dist(run.device, run.dist_timeout_s)
     check = getattr(getattr(recipe, "train", None), "check_world_size", None)
     if callable(check):
@@ -48,16 +65,46 @@ def setup_run(recipe: RecipeBase, save_recipe: bool = True) -> Runtime:
             raise UserError(str(exc)) from None
     # Every rank draws the same seed: identical initial weights and identical global batches.
     seed_everything(run.seed)
-    device = rank_device or resolve_device(run)
-    dtype = resolve_dtype(run, device)
-    out = Path(run.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    precision = resolve_precision(run, rank_device or resolve_device(run))
     # Only rank 0 talks: the other ranks' messages, bars and warnings would repeat its own.
     console.quiet = not dist.is_main
-    if save_recipe and dist.is_main:
-        (out / "recipe.yaml").write_text(recipe_to_yaml(recipe))
     _quiet_libraries()
-    return Runtime(device=device, dtype=dtype, output_dir=out, dist=dist)
+    rt = Runtime(precision, Path(run.output_dir), dist)
+    try:
+        _own_folder(rt, recipe, resume, overwrite, trains)
+    except BaseException:
+        rt.__exit__()
+        raise
+    if trains and precision.pure_half:
+        console.print(f"[yellow]warning:[/] trained weights are stored in {run.dtype} "
+                      "(run.mixed_precision: no): AdamW updates smaller than 16-bit resolution "
+                      "round away, so small learning rates (~1e-6) barely move the weights; "
+                      "run.mixed_precision=bf16 keeps fp32 master weights")
+    return rt
+
+
+def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,
+                trains: bool) -> None:
+    """Rank 0 locks and claims the folder; every rank learns which checkpoint to resume."""
+    from apactl.recipe import recipe_to_yaml
+    from apactl.run_folder import check_resume, claim, write_recipe
+
+    last = None
+    if rt.is_main:
+        rt.lock = Lock(rt.output_dir)
+        rt.lock.acquire()
+        if trains:
+            last = claim(rt.output_dir, resume, overwrite)
+            check_resume(last, recipe.model_dump(mode="json"))
+        if last is None:
+            write_recipe(rt.output_dir, recipe_to_yaml(recipe))
+    found = rt.dist.broadcast_object(str(last) if last is not None else None)
+    rt.resume_from = Path(found) if found else None
+    if resume and rt.resume_from is None and trains:
+        from apactl.metrics import console
+
+        console.print(f"[yellow]--resume: no checkpoint in {rt.output_dir}; starting from "
+                      "scratch")
 
 
 def _quiet_libraries() -> None:

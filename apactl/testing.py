@@ -72,21 +72,3 @@ def save_tiny_model(path: str | Path, hidden: int = 64, layers: int = 2, seed: i
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-class FailOnRankJudge:
-    """Scores 0, except on rank ``rank`` of a distributed job, where it raises: the fault that
-    tests use to check that one failing rank stops the whole job, with its error shown once."""
-
-    name = "fail-on-rank"
-
-    def __init__(self, rank: int = 1):
-        self.rank = rank
-
-    def score(self, prompts, responses):
-        import torch.distributed as td
-
-        rank = td.get_rank() if td.is_available() and td.is_initialized() else 0
-        if rank == self.rank:
-            raise RuntimeError(f"injected failure on rank {rank}")
-        return [0.0] * len(responses)

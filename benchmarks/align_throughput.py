@@ -7,9 +7,9 @@ each phase is from this machine's limits (matmul peak, copy bandwidth) measured 
 It runs ``apactl.workflows.align.run_align`` in this process on ``--recipe`` (default
 benchmarks/recipes/throughput.yaml) for ``--warmup`` + ``--iterations`` iterations, reads the
 per-iteration metrics from ``<output_dir>/metrics.jsonl`` and reports the measured iterations
-only. Token counts come from the rollouts themselves: ``build_actors`` and ``collect_rollout`` are
-wrapped (in this process only; apactl is not modified) to keep the models and count the real
-prompt, response and reward-model tokens of every iteration. FLOP and bandwidth conventions:
+only. Token counts come from the rollouts themselves, observed through the loop's public hooks
+(``apactl.hooks.Hooks``): the models, the real prompt, response and reward-model tokens of every
+iteration, and the FLOPs each phase executes. FLOP and bandwidth conventions:
 benchmarks/README.md and benchlib.py.
 """
 
@@ -74,132 +74,71 @@ def resolve_recipe(recipe_path: str | Path, sets: list[str], algo: str | None, i
         rm_path = reward or str(untrained_reward_model(policy.get("name_or_path",
                                                                   "smollm2-135m-instruct"),
                                                        policy.get("cache_dir")))
-        extra.append(f"reward.name_or_path={rm_path}")
+        extra.append(f"reward.path={rm_path}")
     return parse_recipe(load_raw(recipe_path, overrides + extra), "align"), rm_path
 
 
 # ------------------------------------------------------------------------------- the run
-class CountingTimer:
-    """Stands in for apactl.metrics.Timer (module attribute of the align workflow): the same
-    timing, plus, while ``counting`` is set, the FLOPs each phase really executes, counted by
-    ``torch.utils.flop_counter.FlopCounterMode`` (every matmul, attention and backward op). The
-    counting slows the phase it watches, so it runs in the first warm-up iteration only."""
+# Phases whose executed FLOPs are counted. Not "generate": on CUDA its steps replay a captured
+# graph, which a dispatch mode never sees (its model FLOPs are reported instead); not "verify":
+# the one-time check of the split forwards is not part of an iteration's work.
+COUNTED = ("score", "reward", "update")
 
-    counting = False
-    flops: dict[str, int] = {}
 
-    def __init__(self):
-        from apactl.metrics import Timer
+class Recorder:
+    """Observes one ``run_align`` through ``apactl.hooks.Hooks`` (the loop's public seam): keeps
+    the models, counts the real prompt, response and reward-model tokens of every training
+    rollout, marks the memory sampler's windows, and counts the FLOPs each phase executes
+    (``torch.utils.flop_counter.FlopCounterMode``) in the first warm-up iteration only (the
+    counting slows the phase it watches)."""
 
-        self._timer = Timer()
-        self.times = self._timer.times
+    def __init__(self, warmup: int, sampler: bl.RssSampler, recipe):
+        self.warmup, self.sampler, self.recipe = warmup, sampler, recipe
+        self.actors = None
+        self.rollouts: list[dict[str, Any]] = []
+        self.starts: list[float] = []
+        self.save_start: float | None = None
+        self.counting = False
+        self.flops: dict[str, int] = {}
 
-    def __call__(self, name: str):
+    def hooks(self):
+        from apactl.hooks import Hooks
+
+        return Hooks(phase=self.phase, on_start=self.on_start,
+                     on_rollout_start=self.on_rollout_start, on_rollout=self.on_rollout,
+                     on_save=self.on_save)
+
+    def on_start(self, pieces: dict[str, Any]) -> None:
+        self.actors = pieces["actors"]
+
+    def on_rollout_start(self, it: int) -> None:
+        i = len(self.rollouts)
+        self.sampler.mark("warmup" if i < self.warmup else "measured")
+        self.counting = i == 0 and self.warmup > 0
+        self.starts.append(time.perf_counter())
+
+    def on_rollout(self, it: int, ro, texts: list[str], prompts: list[dict]) -> None:
+        self.rollouts.append(count_tokens(self.actors, prompts, ro, texts, self.recipe))
+
+    def on_save(self, step: int) -> None:
+        if self.save_start is None:
+            self.save_start = time.perf_counter()
+            self.sampler.mark("save")
+
+    def phase(self, name: str):
         import contextlib
 
-        inner = self._timer(name)
-        if not CountingTimer.counting:
-            return inner
+        if not (self.counting and name in COUNTED):
+            return contextlib.nullcontext()
 
         @contextlib.contextmanager
         def counted():
             from torch.utils.flop_counter import FlopCounterMode
 
-            with inner, FlopCounterMode(display=False) as fc:
-                yield
-            CountingTimer.flops[name] = CountingTimer.flops.get(name, 0) + fc.get_total_flops()
-        return counted()
-
-    def pop(self) -> dict[str, float]:
-        out = self._timer.pop()
-        self.times = self._timer.times
-        return out
-
-
-class Recorder:
-    """Wraps apactl.workflows.align's build_actors, collect_rollout, _save and evaluate_prompts
-    (module attributes, looked up at call time by run_align) for one run."""
-
-    def __init__(self, warmup: int, sampler: bl.RssSampler):
-        self.warmup = warmup
-        self.sampler = sampler
-        self.actors = None
-        self.rollouts: list[dict[str, Any]] = []
-        self.starts: list[float] = []
-        self.save_start: float | None = None
-
-    def install(self, wf) -> None:
-        self._orig = {name: getattr(wf, name) for name in ("build_actors", "collect_rollout")}
-        for optional in ("_save", "evaluate_prompts"):
-            if hasattr(wf, optional):
-                self._orig[optional] = getattr(wf, optional)
-        self.in_eval = False
-
-        def build_actors(recipe, rt):
-            actors, tok = self._orig["build_actors"](recipe, rt)
-            self.actors = actors
-            return actors, tok
-
-        def collect_rollout(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs):
-            orig = self._orig["collect_rollout"]
-            if self.in_eval:  # held-out evaluation (train.eval_every): not an iteration
-                return orig(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs)
-            i = len(self.rollouts)
-            self.sampler.mark("warmup" if i < self.warmup else "measured")
-            CountingTimer.counting = i == 0 and self.warmup > 0
-            self.starts.append(time.perf_counter())
-            out = orig(actors, prompts, recipe, beta, timer, pad_id, *args, **kwargs)
-            self.rollouts.append(count_tokens(actors, prompts, out[0], out[1], recipe))
-            return out
-
-        def save(*a, **kw):
-            if self.save_start is None:
-                self.save_start = time.perf_counter()
-                self.sampler.mark("save")
-            return self._orig["_save"](*a, **kw)
-
-        def evaluate_prompts(*a, **kw):
-            self.in_eval = True
-            try:
-                return self._orig["evaluate_prompts"](*a, **kw)
-            finally:
-                self.in_eval = False
-
-        wf.build_actors, wf.collect_rollout = build_actors, collect_rollout
-        self._patch_verify()
-        self._orig["Timer"] = wf.Timer
-        wf.Timer = CountingTimer
-        CountingTimer.flops = {}
-        if "_save" in self._orig:
-            wf._save = save
-        if "evaluate_prompts" in self._orig:
-            wf.evaluate_prompts = evaluate_prompts
-        self._wf = wf
-
-    def _patch_verify(self) -> None:
-        """The engine's one-time check of its split forwards (first rollout chunk) runs extra
-        plain forwards inside the counted score phase: count them apart and leave them out."""
-        from apactl.rl import engine
-
-        orig = engine.Engine._verify
-        self._verify = (engine.Engine, orig)
-
-        def verify(eng, *a, **kw):
-            if not CountingTimer.counting:
-                return orig(eng, *a, **kw)
-            from torch.utils.flop_counter import FlopCounterMode
-
             with FlopCounterMode(display=False) as fc:
-                orig(eng, *a, **kw)
-            CountingTimer.flops["score"] = (CountingTimer.flops.get("score", 0)
-                                            - fc.get_total_flops())
-        engine.Engine._verify = verify
-
-    def uninstall(self) -> None:
-        cls, orig = self._verify
-        cls._verify = orig
-        for name, fn in self._orig.items():
-            setattr(self._wf, name, fn)
+                yield
+            self.flops[name] = self.flops.get(name, 0) + fc.get_total_flops()
+        return counted()
 
 
 def count_tokens(actors, prompts, ro, texts, recipe) -> dict[str, Any]:
@@ -241,13 +180,9 @@ def run_benchmark(recipe, warmup: int, limits_cfg: dict[str, int]) -> dict[str, 
 
     sampler = bl.RssSampler().start()
     sampler.mark("load")
-    rec = Recorder(warmup, sampler)
-    rec.install(wf)
+    rec = Recorder(warmup, sampler, recipe)
     t0 = time.perf_counter()
-    try:
-        wf.run_align(recipe)
-    finally:
-        rec.uninstall()
+    wf.run_align(recipe, hooks=rec.hooks())
     t_end = time.perf_counter()
     sampler.stop()
     memory = sampler.report()
@@ -255,14 +190,22 @@ def run_benchmark(recipe, warmup: int, limits_cfg: dict[str, int]) -> dict[str, 
     if len(rows) != len(rec.rollouts):
         raise RuntimeError(f"{len(rows)} metrics rows but {len(rec.rollouts)} rollouts recorded")
     params = model_params(rec.actors)
-    dtype = str(next(rec.actors.policy.parameters()).dtype).removeprefix("torch.")
     device = str(rec.actors.device)
+    # The compute dtype: under mixed precision (the CUDA default) the weights are fp32 masters
+    # but every matmul runs in bf16, so MFU is against the bf16 peak.
+    sampler_model = rec.actors.sampler or rec.actors.policy
+    dtype = str(next(sampler_model.parameters()).dtype).removeprefix("torch.")
     threads = recipe.run.num_threads or torch.get_num_threads()
     limits = bl.measure_limits(threads, dtype, device=device, **limits_cfg)
+    if device.startswith("cuda"):  # the loop logs each phase's peak (it resets the counter)
+        memory["gpu_peak_by_phase_gib"] = {
+            k.removeprefix("gpu/mem_peak_gb_"): max(r.get(k) or 0 for r in rows)
+            for k in rows[-1] if k.startswith("gpu/mem_peak_gb_")}
+        memory["gpu_peak_allocated_gib"] = max(memory["gpu_peak_by_phase_gib"].values())
     ends = rec.starts[1:] + [rec.save_start]
     walls = [(e - s) if e is not None else None for s, e in zip(rec.starts, ends)]
     return summarize(recipe, warmup, rows, rec.rollouts, walls, params, limits, memory,
-                     dtype, total_s=t_end - t0, executed=dict(CountingTimer.flops))
+                     dtype, total_s=t_end - t0, executed=dict(rec.flops))
 
 
 # ---------------------------------------------------------------------------- the figures
@@ -350,7 +293,7 @@ def summarize(recipe, warmup, rows, rollouts, walls, params, limits, memory, dty
     config = {
         "recipe": recipe.model_dump(mode="json"),
         "algo": recipe.algo.name, "policy": recipe.policy.name_or_path,
-        "reward": recipe.reward.name_or_path or recipe.reward.judge,
+        "reward": recipe.reward.path or recipe.reward.name,
         "critic_init": recipe.critic.init, "threads": recipe.run.num_threads, "dtype": dtype,
         "rollout_batch_size": tr.rollout_batch_size, "minibatch_size": tr.minibatch_size,
         "grad_accum": tr.grad_accum, "epochs_per_rollout": tr.epochs_per_rollout,
@@ -377,17 +320,17 @@ def _executed(counted, first, meas, phase_time, peak) -> dict[str, Any] | None:
     out: dict[str, Any] = {"counted_in_iteration": first["step"], "gflop_per_iteration": {},
                            "gflops_per_s": {}, "utilisation": {}}
     total = 0.0
-    for p in PHASES:
+    for p in COUNTED:
         f = counted.get(p, 0) * tokens / tokens0
         total += f
         out["gflop_per_iteration"][p] = f / n / 1e9
         rate = f / phase_time[p] if phase_time[p] else float("nan")
         out["gflops_per_s"][p] = rate / 1e9
         out["utilisation"][p] = rate / peak
-    it_time = sum(phase_time[p] for p in PHASES)
-    out["gflop_per_iteration"]["iteration"] = total / n / 1e9
-    out["gflops_per_s"]["iteration"] = total / it_time / 1e9
-    out["utilisation"]["iteration"] = total / it_time / peak
+    it_time = sum(phase_time[p] for p in COUNTED)
+    out["gflop_per_iteration"]["score+reward+update"] = total / n / 1e9
+    out["gflops_per_s"]["score+reward+update"] = total / it_time / 1e9
+    out["utilisation"]["score+reward+update"] = total / it_time / peak
     return out
 
 

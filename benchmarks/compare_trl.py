@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     apa, _ = at.resolve_recipe(args.recipe, args.all_sets, "apa", total, args.threads, rm,
                                "compare-apa")
     if rm is None:
-        sys.exit("compare_trl needs a reward-model judge (reward.judge=reward-model)")
+        sys.exit("compare_trl needs a reward-model judge (reward.name=reward-model)")
     from apactl.models import resolve_model_ref
 
     policy_dir = resolve_model_ref(ppo.policy.name_or_path, ppo.policy.cache_dir)

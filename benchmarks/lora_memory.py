@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         cache / "sft.log")
     align = run_measured(py + [
         "align", str(at.DEFAULT_RECIPE), "--algo", "ppo", f"policy.name_or_path={policy}",
-        f"reward.name_or_path={reward}", *LORA, f"run.output_dir={cache / 'align'}",
+        f"reward.path={reward}", *LORA, f"run.output_dir={cache / 'align'}",
         f"train.iterations={a.iterations}", "train.freeze_bottom_layers=0",
         "critic.freeze_bottom_layers=" + ("1" if a.smoke else "24"), *common], threads,
         cache / "align.log")

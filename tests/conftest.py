@@ -1,27 +1,20 @@
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import write_jsonl
 
 
 @pytest.fixture(autouse=True)
 def _cache_dir(tmp_path_factory, monkeypatch):
     """Keep converted/tiny models out of the user's cache: the session shares one folder."""
     cache = tmp_path_factory.getbasetemp() / "model-cache"
-    import apactl.models as models
+    import apactl.models.refs as refs
 
-    monkeypatch.setattr(models, "DEFAULT_CACHE_DIR", cache)
+    monkeypatch.setattr(refs, "DEFAULT_CACHE_DIR", cache)
     yield
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

@@ -1,25 +1,16 @@
-"""Hand-computed checks of apactl.rl.advantages, apactl.rl.kl_control and Rollout."""
+"""Hand-computed checks of apactl.masked, apactl.rl.advantages, apactl.rl.kl_control and
+Rollout."""
 
 import math
 
 import pytest
 import torch
+from helpers import t
 
-from apactl.rl.advantages import (
-    gae,
-    kl_estimates,
-    kl_penalized_rewards,
-    masked_mean,
-    masked_sum,
-    masked_var,
-    masked_whiten,
-)
+from apactl.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from apactl.rl.advantages import gae, kl_estimates, kl_penalized_rewards
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
 from apactl.rl.types import Rollout
-
-
-def t(values):
-    return torch.tensor(values, dtype=torch.float64)
 
 
 def close(a, b):
@@ -85,7 +76,7 @@ def test_gae_gamma_one_is_reward_to_go_minus_value():
     rewards, values, mask = t([[0.0, 0.0, 1.0]]), t([[0.5, 0.6, 0.7]]), t([[1.0, 1.0, 1.0]])
     # delta2 = 1 + 0 - 0.7 = 0.3; delta1 = 0 + 0.7 - 0.6 = 0.1; delta0 = 0 + 0.6 - 0.5 = 0.1
     # A = [0.1 + 0.1 + 0.3, 0.1 + 0.3, 0.3] = [0.5, 0.4, 0.3]; returns = A + V = [1, 1, 1]
-    adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    adv, ret = gae(rewards, values, mask, gamma=1.0, gae_lambda=1.0)
     assert close(adv, [[0.5, 0.4, 0.3]])
     assert close(ret, [[1.0, 1.0, 1.0]])
 
@@ -104,7 +95,7 @@ def test_gae_discounted_with_padding():
     # row1: V after col 1 is 0 (padding values 7, inf must not leak)
     #       delta1 = 1.0 + 0 - 0.25 = 0.75; delta0 = 0 + 0.9 * 0.25 - 0.5 = -0.275
     #       A1 = 0.75; A0 = -0.275 + 0.45 * 0.75 = 0.0625
-    adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.5)
+    adv, ret = gae(rewards, values, mask, gamma=0.9, gae_lambda=0.5)
     assert close(adv, [[0.2369375, -0.05125, 0.175, 0.5], [0.0625, 0.75, 0.0, 0.0]])
     # returns = A + V: [0.4369375, 0.34875, 0.475, 1.0], [0.5625, 1.0, 0, 0]
     assert close(ret, [[0.4369375, 0.34875, 0.475, 1.0], [0.5625, 1.0, 0.0, 0.0]])

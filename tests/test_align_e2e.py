@@ -13,10 +13,10 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
-from apactl.config import load_recipe
 from apactl.metrics import read_metrics
+from apactl.recipe import load_recipe
 
 
 def recipe(out, *overrides):
@@ -66,36 +66,34 @@ def test_apa_larger_lam_stays_closer_to_reference(tmp_path):
 def test_lora_policy_learns_with_adapter_disabled_reference(tmp_path):
     from apactl.workflows.align import run_align
 
-    run_align(recipe(tmp_path, "policy.lora.r=8", "policy.lora.alpha=16", "train.lr=2e-2",
-                     "train.iterations=25"))
+    # Adapters on every linear layer at lr 5e-2: with attention-only adapters at lr 2e-2 the
+    # reward rose only 1.4x in 25 iterations under peft 0.21 (2.5x under the peft of 0.1.0);
+    # this setting rose 4.0x / 1.9x / 2.6x on seeds 0 / 1 / 2 in 30 iterations.
+    run_align(recipe(tmp_path, "policy.lora.r=8", "policy.lora.alpha=16", "train.lr=5e-2",
+                     "policy.lora.target_modules=all-linear", "train.iterations=30"))
     rows = read_metrics(tmp_path)
     assert rows[0]["kl/ref_k1"] == pytest.approx(0.0, abs=1e-5)  # pi_0 == pi_init exactly
     # The adapter moved the policy away from the (adapter-disabled) reference ...
     assert sum(r["kl/ref_k1"] for r in rows[-5:]) / 5 > 0.05, [r["kl/ref_k1"] for r in rows]
-    # ... towards the reward. A rank-8 adapter on this 2-layer random model learns slowly
-    # (about 2.5x the start reward in 25 iterations with full-distribution sampling; the 3x
-    # this test asked before only held while generate() silently sampled from the top 50).
+    # ... towards the reward.
     r = rewards(tmp_path)
     assert sum(r[-10:]) / 10 > 1.5 * sum(r[:10]) / 10, r
 
 
-def test_resume_matches_uninterrupted_run(tmp_path, monkeypatch):
-    import apactl.workflows.align as align
+def test_resume_matches_uninterrupted_run(tmp_path):
+    from apactl.hooks import Hooks
+    from apactl.workflows.align import run_align
 
     args = ("train.iterations=6", "train.save_every=2", "algo.name=ppo")
-    align.run_align(recipe(tmp_path / "a", *args))
-    real = align._iteration
+    run_align(recipe(tmp_path / "a", *args))
 
-    def crash(actors, opts, kl_ctl, rcp, sampler, prompts, it, *rest):
-        if it == 3:  # after the checkpoint at iteration 2, before the one at 4
+    def crash(step, metrics):
+        if step == 3:  # after the checkpoint at iteration 2, before the one at 4
             raise KeyboardInterrupt
-        return real(actors, opts, kl_ctl, rcp, sampler, prompts, it, *rest)
 
-    monkeypatch.setattr(align, "_iteration", crash)
     with pytest.raises(KeyboardInterrupt):
-        align.run_align(recipe(tmp_path / "b", *args))
-    monkeypatch.setattr(align, "_iteration", real)
-    align.run_align(recipe(tmp_path / "b", *args), resume=True)
+        run_align(recipe(tmp_path / "b", *args), hooks=Hooks(on_step_end=crash))
+    run_align(recipe(tmp_path / "b", *args), resume=True)
     a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
     for ra, rb in zip(a, b):
@@ -131,7 +129,7 @@ def test_frozen_trunk_reuse_matches_plain_forwards(tmp_path, monkeypatch):
     trains what the plain forwards train: the same metrics per iteration, the same weights."""
     from safetensors.torch import load_file
 
-    from apactl.rl import trunk
+    from apactl.accel import trunk
     from apactl.workflows.align import run_align
 
     calls = {"top": 0}

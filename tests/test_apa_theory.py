@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from apactl.rl.losses import apa_loss
+from apactl.losses import apa_loss
 
 LAM = 0.1  # the codebase default: target log-ratio = A / lam
 

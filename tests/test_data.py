@@ -9,10 +9,12 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import write_jsonl
 
 from apactl import data as D
 from apactl.config import DataConfig, FieldMap
@@ -24,11 +26,6 @@ FIX = Path(__file__).parent / "fixtures" / "data"
 def cfg(name: str | Path, **kw) -> DataConfig:
     source = str(name if isinstance(name, Path) else FIX / name)
     return DataConfig(source=source, **kw)
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +85,10 @@ def test_csv_cells_stay_text():
 
 def test_undetectable_columns(tmp_path):
     path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(D.DataError, match=r"x\.jsonl: cannot detect the data format"):
+    with pytest.raises(D.DataError) as err:
         D.load_examples(cfg(path), "sft")
+    assert str(err.value) == (f"{path}: row 0: field 'prompt': missing; columns: question, answer "
+                              "(cannot detect the data format; set data.format or data.fields)")
 
 
 def test_format_incompatible_with_kind():
@@ -240,19 +239,24 @@ def test_missing_file():
         D.load_rows(cfg("nope.jsonl"))
 
 
-def test_unreadable_file(tmp_path):
+def test_unreadable_line_is_a_bad_row(tmp_path):
     path = tmp_path / "broken.jsonl"
-    path.write_text('{"prompt": "ok"}\n{"prompt": \n')
-    with pytest.raises(D.DataError, match=r"broken\.jsonl: cannot read as jsonl") as err:
-        D.load_rows(cfg(path))
-    assert "\n" not in str(err.value)
+    path.write_text('{"prompt": "ok"}\n{"prompt": \n{"prompt": "fine"}\n')
+    with pytest.raises(D.DataError) as err:
+        D.load_examples(cfg(path), "prompt")
+    assert str(err.value) == (f"{path}: row 1: invalid JSON: Expecting value "
+                              "(line 2, column 12)")
+    train, _, report = D.load_examples(cfg(path, on_bad_row="skip"), "prompt")
+    assert [e.row for e in train] == [0, 2] and report.n_skipped == 1
 
 
 # ------------------------------------------------------------------------------ bad rows
 def test_bad_row_error_names_file_row_field():
     with pytest.raises(D.DataError) as err:
         D.load_examples(cfg("bad.jsonl"), "sft")
-    assert str(err.value) == f"{FIX / 'bad.jsonl'}: row 1: field 'response': missing"
+    assert str(err.value) == (f"{FIX / 'bad.jsonl'}: row 1: field 'response': missing; "
+                              "columns: prompt")
+    assert (err.value.row, err.value.detail) == (1, "field 'response': missing; columns: prompt")
 
 
 def test_bad_rows_skipped_and_reported():
@@ -261,11 +265,14 @@ def test_bad_rows_skipped_and_reported():
     assert report.n_skipped == 3 and report.n_train == 2
     src = FIX / "bad.jsonl"
     assert report.skipped == [
-        f"{src}: row 1: field 'response': missing",
+        f"{src}: row 1: field 'response': missing; columns: prompt",
         f"{src}: row 2: field 'prompt': empty text",
         f"{src}: row 3: field 'response': expected a string, got int",
     ]
-    assert "3 skipped" in report.summary()
+    assert report.skipped_summary() == (
+        "3 bad rows skipped: row 1 (field 'response': missing; columns: prompt), "
+        "row 2 (field 'prompt': empty text), row 3 (field 'response': expected a string, got int)")
+    assert report.summary() == f"{src} (sft): 5 rows, 2 train, 0 eval; " + report.skipped_summary()
 
 
 def test_bad_messages_name_the_message(tmp_path):
@@ -282,6 +289,213 @@ def test_bad_messages_name_the_message(tmp_path):
     assert [e.row for e in train] == [3]
     assert report.skipped[2].endswith(
         "row 2: field 'messages': last message must be the assistant reply, got 'user'")
+
+
+# ------------------------------------------------- malformed files (hostile-user probe)
+def gz(path: Path) -> Path:
+    """A gzipped copy of ``path`` beside it (name + .gz)."""
+    out = path.with_name(path.name + ".gz")
+    out.write_bytes(gzip.compress(path.read_bytes()))
+    return out
+
+
+def error_of(path: Path, kind: str = "prompt", **kw) -> str:
+    with pytest.raises(D.DataError) as err:
+        D.load_examples(cfg(path, **kw), kind)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_invalid_json_line_names_its_row_not_a_byte_offset(tmp_path):
+    # Row numbers count non-blank lines (as everywhere else: blank lines are not rows).
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n{"prompt": "c"}\n{"prompt": "d"}\n'
+                    '{"prompt": "e"} trailing\n{"prompt": "f"}\n')
+    for src in (path, gz(path)):
+        assert error_of(src) == f"{src}: row 4: invalid JSON: Extra data (line 6, column 17)"
+        train, _, report = D.load_examples(cfg(src, on_bad_row="skip"), "prompt")
+        assert [e.row for e in train] == [0, 1, 2, 3, 5]
+        assert report.skipped_summary() == (
+            "1 bad row skipped: row 4 (invalid JSON: Extra data (line 6, column 17))")
+
+
+def test_invalid_utf8_names_row_field_and_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n\n{"prompt": "caf\xe9"}\n')
+    assert error_of(path) == (f"{path}: row 1: field 'prompt': invalid UTF-8: byte 0xe9 "
+                              "(line 3)")
+    csv_path = tmp_path / "p.csv"
+    csv_path.write_bytes(b'prompt,x\nok,1\n"multi\nline",\xff\n')
+    assert error_of(csv_path) == (f"{csv_path}: row 1: field 'x': invalid UTF-8: byte 0xff "
+                                  "(line 3)")
+
+
+@pytest.mark.parametrize("text", ["", "\n\n   \n", "\ufeff"])
+@pytest.mark.parametrize("name", ["e.jsonl", "e.json", "e.csv"])
+def test_empty_file(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    for src in (path, gz(path)):
+        assert error_of(src) == f"{src}: empty file (no rows)"
+
+
+def test_missing_column_same_message_in_every_format(tmp_path):
+    rows = [{"a": "1", "b": "2"}, {"a": "3", "b": "4"}]
+    paths = [write_jsonl(tmp_path / "m.jsonl", rows), tmp_path / "m.json",
+             tmp_path / "m.csv", tmp_path / "m.parquet"]
+    paths[1].write_text(json.dumps(rows))
+    paths[2].write_text("a,b\n1,2\n3,4\n")
+    _parquet(paths[3], rows)
+    for path in [*paths, gz(paths[3])]:
+        assert error_of(path) == (f"{path}: row 0: field 'prompt': missing; columns: a, b "
+                                  "(cannot detect the data format; set data.format or "
+                                  "data.fields)")
+        assert error_of(path, format="prompt") == (
+            f"{path}: row 0: field 'prompt': missing; columns: a, b")
+
+
+def test_missing_reply_column_for_the_kind(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt\nhello\n")
+    assert error_of(path, "sft") == (f"{path}: row 0: field 'response': missing; columns: "
+                                     "prompt (format 'prompt' cannot give sft examples)")
+    assert error_of(FIX / "sft.jsonl", "preference").endswith(
+        "row 0: field 'chosen': missing; columns: prompt, response (format 'sft' cannot give "
+        "preference examples)")
+
+
+def test_identical_replies_are_a_bad_row(tmp_path):
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"},
+            {"prompt": "p", "chosen": "same", "rejected": "  same\n"},
+            {"prompt": "p", "chosen": "c", "rejected": "d"}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert error_of(path, "preference") == f"{path}: row 1: field 'chosen': same as 'rejected'"
+    train, _, report = D.load_examples(cfg(path, on_bad_row="skip"), "preference")
+    assert [e.row for e in train] == [0, 2]
+    assert report.skipped_summary() == (
+        "1 bad row skipped: row 1 (field 'chosen': same as 'rejected')")
+    sft, _, _ = D.load_examples(cfg(path), "sft")  # SFT on the chosen reply needs no contrast
+    assert len(sft) == 3
+    hh = write_jsonl(tmp_path / "hh.jsonl", [{"chosen": "\n\nHuman: q\n\nAssistant: x",
+                                              "rejected": "\n\nHuman: q\n\nAssistant: x "}])
+    assert error_of(hh, "preference").endswith("row 0: field 'chosen': same as 'rejected'")
+
+
+def test_skipped_rows_summary_lists_the_first_rows(tmp_path):
+    rows = [{"prompt": "ok"} if i % 3 == 0 else {"prompt": ""} for i in range(12)]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    eval_path = write_jsonl(tmp_path / "e.jsonl", [{"prompt": "ok"}, {"prompt": 3}])
+    train, held_out, report = D.load_examples(
+        cfg(path, on_bad_row="skip", eval_split=str(eval_path)), "prompt")
+    assert [e.row for e in train] == [0, 3, 6, 9] and [e.row for e in held_out] == [0]
+    assert report.n_skipped == 9 and len(report.skipped) == D.MAX_REPORTED
+    assert report.skipped_summary() == (
+        "9 bad rows skipped: row 1 (field 'prompt': empty text), row 2 (field 'prompt': empty "
+        "text), row 4 (field 'prompt': empty text), row 5 (field 'prompt': empty text), row 7 "
+        "(field 'prompt': empty text), and 4 more")
+    few = D.DataReport(source=str(path), format="prompt", total_rows=2)
+    few.skip(D.DataError("x", str(eval_path), 1, "field 'prompt': expected a string, got int"))
+    assert few.skipped_summary() == (
+        f"1 bad row skipped: {eval_path} row 1 (field 'prompt': expected a string, got int)")
+    assert D.DataReport(source="s", format="prompt", total_rows=1).skipped_summary() == ""
+
+
+def test_tokenizer_skips_can_go_into_the_report(tok):
+    train, _, report = D.load_examples(cfg("sft.jsonl"), "sft")
+    items, skipped = D.tokenize_sft(tok, train, 50, 128, on_bad_row="skip",
+                                    source=report.source, report=report)
+    assert skipped == report.n_skipped == 3 and len(items) == 2
+    assert report.skipped_summary().startswith(
+        "3 bad rows skipped: row 2 (prompt is 52 tokens, over max_prompt_len=50), row 3 (")
+
+
+def test_local_files_load_offline_without_datasets(tmp_path, monkeypatch):
+    """No hub request, cache or telemetry: local files never go through `datasets` (or the
+    hub client), whatever the environment says, and open no socket."""
+    import socket
+
+    rows = [{"prompt": "p", "response": "r"}]
+    paths = [write_jsonl(tmp_path / "a.jsonl", rows), tmp_path / "a.json", tmp_path / "a.csv",
+             tmp_path / "a.parquet"]
+    paths[1].write_text(json.dumps(rows))
+    paths[2].write_text("prompt,response\np,r\n")
+    _parquet(paths[3], rows)
+    for name in ("datasets", "huggingface_hub"):
+        monkeypatch.setitem(sys.modules, name, None)  # importing it now raises ImportError
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("network access while loading a local file")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    for path in [*paths, *map(gz, paths)]:
+        train, _, _ = D.load_examples(cfg(path), "sft")
+        assert train == [D.SFTExample([user("p")], "r", 0)]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "problem"),
+    [
+        ("d.jsonl.gz", b'{"prompt": "not gzip"}\n',
+         "not a valid gzip file: Not a gzipped file (b'{\"')"),
+        ("d.parquet", b"PAR1 but not parquet",
+         "cannot read as parquet: Parquet magic bytes not found in footer. Either the file is "
+         "corrupted or this is not a parquet file."),
+        ("d.json", b"[1, 2]", "row 0: expected an object of columns ({\"prompt\": ...}), got int"),
+        ("d.jsonl", b'"just a string"\n',
+         "row 0: expected an object of columns ({\"prompt\": ...}), got str"),
+        ("d.json", b'[{"prompt": "a"},\n {"prompt": }]',
+         "row 1: invalid JSON: Expecting value (line 2, column 13)"),
+        ("d.json", b'[{"prompt": "a"}] [', "invalid JSON: extra data after the array (line 1, "
+                                           "column 19)"),
+        ("d.csv", b"prompt,prompt\na,b\n", "duplicate column 'prompt' in the CSV header"),
+        ("d.txt", b"prompt\n", "unsupported file type; expected a .jsonl, .json, .parquet or "
+                               ".csv file, optionally .gz"),
+    ],
+)
+def test_malformed_files_give_one_line(tmp_path, name, content, problem):
+    path = tmp_path / name
+    path.write_bytes(content)
+    assert error_of(path) == f"{path}: {problem}"
+
+
+def test_directory_and_wrong_nested_types(tmp_path):
+    assert error_of(tmp_path) == (f"{tmp_path}: is a directory; expected a .jsonl, .json, "
+                                  ".parquet or .csv file, optionally .gz")
+    rows = [{"messages": [user("hi"), {"role": 7, "content": "x"}]},
+            {"messages": [user("hi"), {"role": "assistant"}]},
+            {"messages": "hi"},
+            {"messages": [user("hi"), bot("yo")]}]
+    path = write_jsonl(tmp_path / "c.jsonl", rows)
+    _, _, report = D.load_examples(cfg(path, on_bad_row="skip"), "sft")
+    assert [m.split(": ", 1)[1] for m in report.skipped] == [
+        "row 0: field 'messages[1].role': expected a string, got int",
+        "row 1: field 'messages[1].content': missing; keys: role",
+        "row 2: field 'messages': expected a list of messages, got str",
+    ]
+
+
+def test_json_lines_in_a_json_file_bom_and_crlf(tmp_path):
+    # What the datasets readers accepted keeps loading: JSON lines under a .json name, one
+    # pretty-printed object, a byte-order mark and CRLF line ends (Excel's CSV).
+    lines = tmp_path / "l.json"
+    lines.write_text('{"prompt": "a"}\n\n{"prompt": "b"}\n')
+    one = tmp_path / "o.json"
+    one.write_text('{\n  "prompt": "a"\n}\n')
+    excel = tmp_path / "x.csv"
+    excel.write_bytes("\ufeffprompt,n\r\ncafé,1\r\n\r\n\"two\r\nlines\",2\r\n".encode())
+    assert [e.messages for e in D.load_examples(cfg(lines), "prompt")[0]] == [[user("a")],
+                                                                              [user("b")]]
+    assert D.load_examples(cfg(one), "prompt")[0] == [D.PromptExample([user("a")], 0)]
+    rows = D.read_local(str(excel))
+    assert rows == [{"prompt": "café", "n": "1"}, {"prompt": "two\r\nlines", "n": "2"}]
+
+
+def _parquet(path: Path, rows: list[dict]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), str(path))
+    return path
 
 
 # ----------------------------------------------------------------------------- rendering

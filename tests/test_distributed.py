@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 
 from apactl.metrics import read_metrics
 
@@ -39,7 +39,9 @@ def _free_port() -> int:
 def launch(nproc: int, *args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:
     """``python -m apactl ARGS`` in 1 process, or under torchrun with ``nproc`` processes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+           # tests/ too: recipes name test-only judges by import path (helpers:fail_on_rank)
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"),
+                                          os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "apactl", *args]
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
@@ -208,7 +210,7 @@ def test_failing_rank_stops_the_job_once(tmp_path, cache):
     """Rank 1's judge raises while rank 0 waits for its chunk: the job exits non-zero, quickly,
     with the error printed once."""
     t0 = time.monotonic()
-    res = launch(2, *align_args(tmp_path / "run", cache, 1, "reward.judge=fail-on-rank",
+    res = launch(2, *align_args(tmp_path / "run", cache, 1, "reward.name=helpers:fail_on_rank",
                                 "reward.args={rank: 1}", "critic.init=policy"), timeout=180)
     elapsed = time.monotonic() - t0
     out = res.stdout + res.stderr
@@ -243,7 +245,7 @@ def test_recipe_validate_prints_per_rank_numbers():
 
 
 def test_chunk_seed_is_a_pure_function():
-    from apactl.distributed import chunk_seed
+    from apactl.sampling import chunk_seed
 
     assert chunk_seed(0, 1, 2) == chunk_seed(0, 1, 2)
     seeds = {chunk_seed(s, 1, it, j) for s in range(3) for it in range(50) for j in range(8)}

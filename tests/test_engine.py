@@ -9,13 +9,14 @@ import copy
 import pytest
 import torch
 
+from apactl.accel.engine import TrunkForwards
+from apactl.accel.trunk import Split, share_bottom
 from apactl.models import freeze_bottom_layers
-from apactl.rl.engine import Engine
-from apactl.rl.scoring import build_sequences, critic_forward, fit_width, policy_forward
-from apactl.rl.trunk import Split, share_bottom
+from apactl.rl.forward import build_sequences, critic_forward, fit_width, policy_forward
+from apactl.sampling import SamplingSpec
 from apactl.testing import make_tiny_llama, make_tiny_tokenizer
 
-TEMP = 0.7
+TEMP = SamplingSpec(temperature=0.7)
 
 
 def _value_model(causal, seed=1):
@@ -63,7 +64,6 @@ def test_split_equals_plain_forward(models):
     one = policy.model(input_ids=seq.input_ids, attention_mask=seq.attention_mask).last_hidden_state
     keep = seq.attention_mask.bool()
     assert torch.allclose(two[keep], one[keep], atol=1e-5)
-    assert split.verify(seq.input_ids, seq.attention_mask) < 1e-5
     assert len(policy.model.layers) == 4  # the swap is undone
 
 
@@ -98,9 +98,10 @@ def test_engine_score_matches_plain(models, k):
     if k:
         share_bottom(policy, ref, k)
         share_bottom(policy, critic, k)
-    eng = Engine(policy, ref, critic, k=k, reuse_trunk=True, warn=pytest.fail)
+    eng = TrunkForwards(policy, ref, critic, k=k, warn=pytest.fail)
     seq, resp, mask = _batch(vocab, seed=2)
-    out = eng.score(seq, resp, TEMP)
+    eng.check(seq, resp, TEMP)
+    out = eng.rollout(seq, resp, TEMP)
     old, ent = policy_forward(policy, seq, resp, TEMP, with_entropy=True)
     m = mask.bool()
     assert torch.allclose(out["old_logprobs"][m], old[m], atol=1e-5)
@@ -108,27 +109,30 @@ def test_engine_score_matches_plain(models, k):
     assert torch.allclose(out["ref_logprobs"][m], policy_forward(ref, seq, resp, TEMP)[0][m],
                           atol=1e-5)
     assert torch.allclose(out["values"][m], critic_forward(critic, seq)[m], atol=1e-5)
-    assert ("policy_trunk" in out) == (k > 0)
-    assert all(r.split is not None for r in (eng.policy, eng.ref, eng.critic))
+    assert ("keep/policy" in out) == (k > 0)
+    assert all(r.split is not None for r in (eng.p, eng.r, eng.c))
 
 
 def test_update_from_cached_trunk_matches_plain_loss_and_grads(models):
     """Same loss and the same gradients on every trainable parameter, cached or not."""
     policy, _, critic, vocab = models
     policy, critic = copy.deepcopy(policy), copy.deepcopy(critic)
-    eng = Engine(policy, copy.deepcopy(policy).requires_grad_(False), critic,
-                 k=2, reuse_trunk=True, warn=pytest.fail)
+    eng = TrunkForwards(policy, copy.deepcopy(policy).requires_grad_(False), critic, k=2,
+                        warn=pytest.fail)
     seq, resp, mask = _batch(vocab, seed=4)
-    cached = eng.score(seq, resp, TEMP)
-    wide = fit_width(cached["policy_trunk"], seq.input_ids.shape[1] + 3)  # extra pad columns
+    cached = eng.rollout(seq, resp, TEMP)
+    # Kept rows wider than the batch (extra pad columns), in another order: found by episode.
+    order = torch.tensor([4, 3, 2, 1, 0])
+    eng.remember({k: fit_width(v, seq.input_ids.shape[1] + 3)[order]
+                  for k, v in cached.items() if k.startswith("keep/")})
+    episode = torch.argsort(order)
 
     def grads(fast: bool):
         policy.zero_grad()
         critic.zero_grad()
-        logp = (eng.policy_logprobs(seq, resp, TEMP, wide) if fast
+        logp = (eng.policy_logprobs(seq, resp, TEMP, episode) if fast
                 else policy_forward(policy, seq, resp, TEMP)[0])
-        v = (eng.values(seq, cached["critic_trunk"]) if fast
-             else critic_forward(critic, seq))
+        v = eng.values(seq, episode) if fast else critic_forward(critic, seq)
         loss = ((logp * mask).sum() + (v * mask).pow(2).sum()) / mask.sum()
         loss.backward()
         named = list(policy.named_parameters()) + list(critic.named_parameters())
@@ -143,21 +147,22 @@ def test_update_from_cached_trunk_matches_plain_loss_and_grads(models):
 
 def test_engine_falls_back_when_split_disagrees(models, monkeypatch):
     policy, ref, critic, vocab = models
-    eng = Engine(policy, ref, critic, k=2, reuse_trunk=True, warn=lambda m: warned.append(m))
+    eng = TrunkForwards(policy, ref, critic, k=2, warn=lambda m: warned.append(m))
     warned: list[str] = []
     monkeypatch.setattr(Split, "top", lambda self, h, m: torch.zeros(*h.shape))  # a wrong split
     seq, resp, mask = _batch(vocab, seed=5)
-    out = eng.score(seq, resp, TEMP)
-    assert len(warned) == 3 and eng.policy.split is None and eng.critic.split is None
+    eng.check(seq, resp, TEMP)
+    out = eng.rollout(seq, resp, TEMP)
+    assert len(warned) == 3 and eng.p.split is None and eng.c.split is None
     old = policy_forward(policy, seq, resp, TEMP)[0]
     assert torch.allclose(out["old_logprobs"][mask.bool()], old[mask.bool()], atol=1e-6)
-    assert "policy_trunk" not in out
+    assert "keep/policy" not in out
 
 
 def test_verification_ignores_padding_positions(models, monkeypatch):
     """Padding positions hold arbitrary values (the plain forward even numbers them
     differently): a difference there must not make the engine give up the split."""
-    import apactl.rl.engine as engine_mod
+    import apactl.accel.engine as engine_mod
 
     policy, ref, critic, vocab = models
     real = engine_mod.policy_forward
@@ -168,8 +173,8 @@ def test_verification_ignores_padding_positions(models, monkeypatch):
         return logp + 100.0 * pad, ent
 
     monkeypatch.setattr(engine_mod, "policy_forward", noisy_at_padding)
-    eng = Engine(policy, ref, critic, k=2, reuse_trunk=True, warn=pytest.fail)
+    eng = TrunkForwards(policy, ref, critic, k=2, warn=pytest.fail)
     seq, resp, mask = _batch(vocab, seed=6)
     assert (mask == 0).any()  # ragged responses: there is padding to ignore
-    eng.score(seq, resp, TEMP)
-    assert eng.policy.split is not None and eng.ref.split is not None
+    eng.check(seq, resp, TEMP)
+    assert eng.p.split is not None and eng.r.split is not None

@@ -7,11 +7,11 @@ import json
 import math
 
 import pytest
-from conftest import ROOT
+from helpers import ROOT
 from typer.testing import CliRunner
 
 from apactl.cli import app
-from apactl.config import load_recipe
+from apactl.recipe import load_recipe
 
 TINY_EVAL = ROOT / "recipes" / "tiny" / "eval.yaml"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ def _restore_threads():
 @pytest.fixture(scope="module")
 def align_run(tmp_path_factory):
     """A tiny APA run: checkpoints at steps 1, 2 and 3 (= final), metrics for 3 iterations."""
-    import apactl.models as models
+    import apactl.models.refs as models
     from apactl.workflows.align import run_align
 
     out = tmp_path_factory.mktemp("align") / "run"

@@ -7,9 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apactl.config import GenerationConfig
 from apactl.data import left_pad
-from apactl.generation import sample, weight_major_linears
+from apactl.sampling import SamplingSpec, sample
+from apactl.sampling.backends import hf_generate
+from apactl.sampling.loop import decode_loop, weight_major_linears
 from apactl.testing import make_tiny_llama, make_tiny_tokenizer
 
 
@@ -31,18 +32,23 @@ def tiny():
     {"temperature": 1.3, "top_p": 0.9},
     {"temperature": 1.0, "batch_size": 3},
 ])
-def test_decode_loop_draws_what_generate_draws(tiny, settings):
+def test_decode_loop_draws_what_generate_draws(tiny, settings, monkeypatch):
+    import apactl.sampling.backends as backends
+
     model, tok, q, m = tiny
     eos = [tok.eos_token_id, tok.convert_tokens_to_ids("a")]  # 'a' ends some rows early
+    batch = settings.pop("batch_size", None)
+    spec = SamplingSpec(max_new_tokens=24, **settings)
     out = {}
-    for loop in ("apactl", "transformers"):
-        gen = GenerationConfig(max_new_tokens=24, loop=loop, weight_major_matmul=False,
-                               **settings)
+    # The CPU default wraps decode_loop in weight-major matmuls (the same logits up to float
+    # summation order, covered below); the token-exact comparison is of the loop itself.
+    monkeypatch.setattr(backends, "cpu_loop", decode_loop)
+    for backend in ("auto", "transformers"):
         torch.manual_seed(123)
-        out[loop] = sample(model, q, m, gen, eos, tok.pad_token_id)
-    assert torch.equal(out["apactl"][0], out["transformers"][0])
-    assert torch.equal(out["apactl"][1], out["transformers"][1])
-    lengths = out["apactl"][1].sum(1)
+        out[backend] = sample(model, q, m, spec, eos, tok.pad_token_id, backend, batch)
+    assert torch.equal(out["auto"][0], out["transformers"][0])
+    assert torch.equal(out["auto"][1], out["transformers"][1])
+    lengths = out["auto"][1].sum(1)
     assert lengths.min() < lengths.max() or lengths.max() == 24  # ragged: EOS handling exercised
 
 
@@ -60,3 +66,13 @@ def test_weight_major_linears_same_logits_and_restored(tiny):
     with weight_major_linears(lin):
         assert torch.allclose(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias),
                               atol=1e-6)
+
+
+def test_loop_and_generate_functions_agree_directly(tiny):
+    model, tok, q, m = tiny
+    spec, eos = SamplingSpec(max_new_tokens=12, temperature=0.9), [tok.eos_token_id]
+    torch.manual_seed(7)
+    a = decode_loop(model, q, m, spec, eos, tok.pad_token_id)
+    torch.manual_seed(7)
+    b = hf_generate(model, q, m, spec, eos, tok.pad_token_id)
+    assert torch.equal(a, b[:, :a.shape[1]]) and (b[:, a.shape[1]:] == tok.pad_token_id).all()

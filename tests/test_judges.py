@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 import apactl.judges as judges
 from apactl.cli import app
-from apactl.config import RecipeError, load_recipe
+from apactl.config import JudgeSpec
+from apactl.errors import RecipeError
+from apactl.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_EVAL = ROOT / "recipes" / "tiny" / "eval.yaml"
@@ -18,19 +20,19 @@ runner = CliRunner()
 
 
 def test_sentiment_ranks_positive_above_negative():
-    judge = judges.make_judge("sentiment")
+    judge = judges.build_judge(JudgeSpec(name="sentiment"))
     good, bad = judge.score([[], []], ["I love this, it is wonderful and great!",
                                        "This is terrible, awful and I hate it."])
     assert good > 0.5 and bad < -0.5
 
 
 def test_char_fraction_by_hand():
-    judge = judges.make_judge("char-fraction", args={"chars": "ab"})
+    judge = judges.build_judge(JudgeSpec(name="char-fraction", args={"chars": "ab"}))
     assert judge.score([[]] * 3, ["abba", "a b!", ""]) == [1.0, 0.5, 0.0]
 
 
 def test_length_counts_words():
-    assert judges.make_judge("length").score([[]], ["one two  three"]) == [3.0]
+    assert judges.build_judge(JudgeSpec(name="length")).score([[]], ["one two  three"]) == [3.0]
 
 
 def write_eval(tmp_path: Path, judge_list: list[dict]) -> str:
@@ -80,10 +82,11 @@ def test_registered_judge_is_usable_by_name(monkeypatch, tmp_path):
             return [self.weight * r.count("!") for r in responses]
 
     @judges.register_judge("exclaim", "exclamation marks times args.weight")
-    def _exclaim(weight: float = 1.0, **_):
+    def _exclaim(weight: float = 1.0):
         return Exclaim(weight)
 
-    assert judges.make_judge("exclaim", args={"weight": 2}).score([[]], ["hi!!"]) == [4.0]
+    judge = judges.build_judge(JudgeSpec(name="exclaim", args={"weight": 2}))
+    assert judge.score([[]], ["hi!!"]) == [4.0]
     assert "exclaim" in judges.available()
     recipe = load_recipe(write_eval(tmp_path, [{"name": "exclaim", "args": {"weight": 2}}]),
                          kind="eval")
@@ -105,3 +108,22 @@ def test_missing_local_policy_path_still_validates():
     assert recipe.policies[0].path == "./no-such-run"
     with pytest.raises(RecipeError, match="baseline.path: file not found"):
         load_recipe(TINY_EVAL, ["baseline.path=./no-such-model"], kind="eval")
+
+
+def test_judge_args_are_checked_and_context_passed_only_when_asked():
+    with pytest.raises(RecipeError, match="judge 'char-fraction': unknown args nope; it takes: "
+                                          "chars"):
+        load_recipe(TINY_EVAL, ["judges=[{name: char-fraction, args: {nope: 1}}]"], kind="eval")
+    # An import-path judge that takes no context (no normalize, device...) builds fine, as in
+    # align, where normalize defaults to true.
+    spec = JudgeSpec(name="helpers:fail_on_rank", args={"rank": 5}, normalize=True)
+    assert judges.build_judge(spec).score([[]], ["x"]) == [0.0]
+    with pytest.raises(RecipeError, match="module 'nowhere' not found"):
+        load_recipe(TINY_EVAL, ["judges=[{name: 'nowhere:judge'}]"], kind="eval")
+
+
+def test_old_reward_keys_are_named_in_one_line():
+    res = runner.invoke(app, ["recipe", "validate", str(ROOT / "recipes/tiny/align.yaml"),
+                              "reward.judge=char-fraction"])
+    assert res.exit_code == 2
+    assert "reward: judge: renamed" in res.output and "judge -> name" in res.output

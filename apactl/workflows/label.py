@@ -8,14 +8,14 @@ response, for a short SFT stage) into ``run.output_dir``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
+from apactl.atomic import write_file
 from apactl.config import LabelRecipe
-from apactl.distributed import chunk_seed
 from apactl.metrics import Progress, console
 from apactl.runtime import setup_run
+from apactl.sampling import SamplingSpec, Stream, seeded_chunks
 
 PREFERENCES = "preferences.jsonl"
 CHOSEN = "chosen.jsonl"
@@ -32,11 +32,12 @@ def sample_texts(policy, tok, prompts: list[dict], recipe: LabelRecipe, eos: lis
                  device) -> list[str]:
     """One sampled response (decoded text) per prompt item."""
     from apactl.data import left_pad
-    from apactl.generation import sample
+    from apactl.sampling import sample
 
     ids, mask = left_pad([p["input_ids"] for p in prompts], tok.pad_token_id)
-    resp, rmask = sample(policy, ids.to(device), mask.to(device), recipe.generation, eos,
-                         tok.pad_token_id)
+    gen = recipe.generation
+    resp, rmask = sample(policy, ids.to(device), mask.to(device), SamplingSpec.from_config(gen),
+                         eos, tok.pad_token_id, gen.backend)
     rows = [r[: int(m.sum())].tolist() for r, m in zip(resp.cpu(), rmask.cpu())]
     return tok.batch_decode(rows, skip_special_tokens=True)
 
@@ -53,23 +54,38 @@ def label_batch(policy, tok, judge, batch: list[dict], recipe: LabelRecipe, eos,
             for i, item in enumerate(batch)]
 
 
-def run_label(recipe: LabelRecipe, resume: bool = False) -> dict[str, float]:
+def run_label(recipe: LabelRecipe) -> dict[str, float]:
     from apactl.data import fit_prompts, load_examples, tokenize_prompts
-    from apactl.generation import eos_ids
-    from apactl.judges import make_judge
+    from apactl.judges import build_judge
     from apactl.models import load_policy
+    from apactl.sampling import eos_ids
 
-    rt = setup_run(recipe)
-    policy, tok = load_policy(recipe.policy, rt.device, rt.dtype, trainable=False)
-    j = recipe.judge
-    judge = make_judge(j.name, j.path, {**j.args, **({"normalize": True} if j.normalize else {})},
-                       device=rt.device, dtype=rt.dtype)
-    train, _, report = load_examples(recipe.data, "prompt")
-    d = recipe.data
-    items, _ = tokenize_prompts(tok, fit_prompts(tok, train, d), d.max_prompt_len, d.on_bad_row,
-                                report.source)
-    items = items[: recipe.label.max_prompts]
-    labelled = _label_all(policy, tok, judge, items, recipe, eos_ids(policy, tok), rt)
+    with setup_run(recipe, trains=False) as rt:
+        policy, tok = load_policy(recipe.policy, rt.device, rt.precision.frozen_dtype,
+                                  trainable=False)
+        judge = build_judge(recipe.judge, device=rt.device, dtype=rt.precision.frozen_dtype)
+        train, _, report = load_examples(recipe.data, "prompt")
+        d = recipe.data
+        items, _ = tokenize_prompts(tok, fit_prompts(tok, train, d), d.max_prompt_len,
+                                    d.on_bad_row, report.source)
+        items = items[: recipe.label.max_prompts]
+        labelled = _label_all(policy, tok, judge, items, recipe, eos_ids(policy, tok), rt)
+        pairs, chosen, gaps = _pairs(labelled, recipe)
+        stats = {"label/prompts": len(items), "label/pairs": len(pairs),
+                 "label/mean_gap": sum(gaps) / max(len(gaps), 1)}
+        if rt.is_main:
+            out = rt.output_dir
+            write_file(out / PREFERENCES, _jsonl(pairs))
+            write_file(out / CHOSEN, _jsonl(chosen))
+            write_file(out / "label_stats.json", json.dumps(stats, indent=2))
+        rt.dist.barrier()  # the files exist on return, on every rank
+    console.print(f"[green]label done[/]: {len(pairs)} pairs from {len(items)} prompts "
+                  f"(judge {recipe.judge.name}) -> {rt.output_dir / PREFERENCES}")
+    return stats
+
+
+def _pairs(labelled, recipe: LabelRecipe) -> tuple[list[dict], list[dict], list[float]]:
+    """(preference pairs, best responses, best-worst gaps) from the judged samples."""
     pairs, chosen, gaps = [], [], []
     for item, texts, scores in labelled:
         order = sorted(range(len(texts)), key=scores.__getitem__, reverse=True)  # best first
@@ -83,41 +99,27 @@ def run_label(recipe: LabelRecipe, resume: bool = False) -> dict[str, float]:
                     and texts[b].strip():
                 pairs.append({"prompt": prompt, "chosen": texts[a], "rejected": texts[b],
                               "chosen_score": scores[a], "rejected_score": scores[b]})
-    out = rt.output_dir
-    stats = {"label/prompts": len(items), "label/pairs": len(pairs),
-             "label/mean_gap": sum(gaps) / max(len(gaps), 1)}
-    if rt.is_main:
-        _write_jsonl(out / PREFERENCES, pairs)
-        _write_jsonl(out / CHOSEN, chosen)
-        (out / "label_stats.json").write_text(json.dumps(stats, indent=2))
-    rt.dist.barrier()  # the files exist on return, on every rank
-    console.print(f"[green]label done[/]: {len(pairs)} pairs from {len(items)} prompts "
-                  f"(judge {j.name}) -> {out / PREFERENCES}")
-    return stats
+    return pairs, chosen, gaps
 
 
 def _label_all(policy, tok, judge, items: list[dict], recipe: LabelRecipe, eos, rt) -> list:
     """label_batch over every batch of prompts, in order. Batch b is sampled by rank
-    b % world_size with a seed derived from (run.seed, b): the labels do not depend on the
-    number of ranks. Every rank gets all the results."""
-    dist, bs = rt.dist, recipe.label.batch_size
-    starts = list(range(0, len(items), bs))
+    b % world_size, seeded per batch (``Stream.LABEL``): the labels do not depend on the number
+    of ranks. Every rank gets all the results."""
     progress = Progress(len(items), "label", recipe.logging.progress and rt.is_main)
-    mine = {}
+
+    def batch(rows: slice) -> list:
+        out = label_batch(policy, tok, judge, items[rows], recipe, eos, rt.device)
+        # Rank 0 advances the bar by its own batches times the ranks working alongside.
+        progress.update((rows.stop - rows.start) * rt.dist.world_size)
+        return out
+
     with torch.no_grad():
-        for b, i in enumerate(starts):
-            if dist.owns(b):
-                torch.manual_seed(chunk_seed(recipe.run.seed, 4, b))
-                mine[b] = label_batch(policy, tok, judge, items[i:i + bs], recipe, eos,
-                                      rt.device)
-            # Rank 0 advances the bar for the whole round of world_size batches.
-            if b % dist.world_size == dist.world_size - 1 or b == len(starts) - 1:
-                progress.update(len(items[i - (b % dist.world_size) * bs:i + bs]))
+        done = seeded_chunks(len(items), recipe.label.batch_size, batch, recipe.run.seed,
+                             Stream.LABEL, (), rt.dist)
     progress.close()
-    return [r for batch in dist.gather_chunks(mine) for r in batch]
+    return [r for b in done for r in b]
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    tmp.replace(path)  # never a half-written dataset
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)

@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from apactl.config import load_recipe
 from apactl.errors import UserError
 from apactl.metrics import console
+from apactl.recipe import load_recipe
 
 RECIPE_DIR = Path(__file__).resolve().parents[1] / "assets" / "recipes" / "quickstart"
 SMOLLM2 = "smollm2-135m-instruct"
@@ -53,7 +53,7 @@ def stage_overrides(root: Path, model: str) -> dict[str, list[str]]:
         "label": [f"policy.name_or_path={model}"],
         "sft": [f"model.name_or_path={model}", f"data.source={label / 'chosen.jsonl'}"],
         "rm": [f"model.name_or_path={model}", f"data.source={label / 'preferences.jsonl'}"],
-        "align-apa": [f"policy.name_or_path={sft}", f"reward.name_or_path={rm}"],
+        "align-apa": [f"policy.name_or_path={sft}", f"reward.path={rm}"],
         "eval": [f"policies=[{{name: apa, path: '{apa}', checkpoints: false}}]",
                  f"baseline.path={sft}",
                  f"judges=[{{name: reward-model, label: learned-rm, path: '{rm}', "
@@ -108,9 +108,11 @@ def run_stage(stage: Stage, recipe) -> None:
     from apactl.workflows.rm import run_rm
     from apactl.workflows.sft import run_sft
 
-    runners = {"label": run_label, "sft": run_sft, "rm": run_rm, "align": run_align,
-               "eval": run_eval}
-    runners[stage.kind](recipe)
+    trains = {"sft": run_sft, "rm": run_rm, "align": run_align}
+    if stage.kind in trains:  # an interrupted stage continues from its last checkpoint
+        trains[stage.kind](recipe, resume=True)
+    else:
+        {"label": run_label, "eval": run_eval}[stage.kind](recipe)
 
 
 def run_quickstart(root: str | Path, model: str = SMOLLM2, fresh: bool = False,

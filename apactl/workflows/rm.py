@@ -15,12 +15,15 @@ import torch.nn.functional as F
 from apactl.config import RMRecipe
 from apactl.data import collate_preference, fit_prompts, load_examples, tokenize_preference
 from apactl.distributed import Dist
+from apactl.hooks import Hooks
+from apactl.judges.reward_model import REWARD_STATS
+from apactl.losses import bradley_terry_loss
 from apactl.metrics import console
 from apactl.models import load_sequence_classifier, resolve_model_ref, save_model, sequence_scores
-from apactl.reward import REWARD_STATS
 from apactl.runtime import setup_run
-from apactl.trainer import SupervisedTask, run_supervised
-from apactl.workflows.sft import _report, to_device
+from apactl.supervised import Setup, SupervisedTask, run_supervised
+from apactl.workflows.common import data_summary
+from apactl.workflows.sft import to_device
 
 
 def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +34,9 @@ def pair_scores(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def bt_loss(model, batch, margin: float = 0.0) -> tuple[torch.Tensor, dict, int]:
-    """Bradley-Terry loss, mean over pairs; accuracy counts strict wins of the chosen reply."""
+    """The pairwise loss on one collated [2B, L] batch (chosen rows first), with accuracy."""
     rc, rr = pair_scores(model, batch)
-    loss = -F.logsigmoid(rc - rr - margin).mean()
-    stats = {"train/loss": loss.item(), "train/accuracy": (rc > rr).float().mean().item(),
-             "train/margin": (rc - rr).mean().item()}
+    loss, stats = bradley_terry_loss(rc, rr, margin)
     return loss, stats, int(batch["attention_mask"].sum())
 
 
@@ -77,32 +78,46 @@ def reward_stats(model, items, collate, batch_size: int) -> dict[str, float]:
     return {"mean": s.mean().item(), "std": max(s.std().item(), 1e-6), "n": int(s.numel())}
 
 
-def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, float]:
-    rt = setup_run(recipe)
-    d, tr = recipe.data, recipe.train
-    train_ex, eval_ex, report = load_examples(d, "preference")
-    ref = resolve_model_ref(recipe.model.name_or_path, recipe.model.cache_dir, kind="reward")
-    model, tok = load_sequence_classifier(ref, rt.device, rt.dtype, trainable=True,
-                                          cfg=recipe.model,
-                                          freeze_bottom_layers=tr.freeze_bottom_layers)
-    args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
-    train_items, skip_t = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
-    eval_items, skip_e = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
-    _report(report, skip_t + skip_e, len(train_items), len(eval_items))
-    collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
-                                      rt.device)
+def run_rm(recipe: RMRecipe, resume: bool = False, overwrite: bool = False,
+           hooks: Hooks | None = None) -> dict[str, float]:
+    with setup_run(recipe, resume, overwrite) as rt:
+        d, tr, p = recipe.data, recipe.train, rt.precision
+        train_ex, eval_ex, report = load_examples(d, "preference")
+        ref = resolve_model_ref(recipe.model.name_or_path, recipe.model.cache_dir, kind="reward")
+        model, tok = load_sequence_classifier(ref, rt.device, p.master_dtype, trainable=True,
+                                              cfg=recipe.model,
+                                              freeze_bottom_layers=tr.freeze_bottom_layers)
+        p.store_frozen(model)
+        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
+        train_items, skip_t = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
+        eval_items, skip_e = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
+        console.print(data_summary(report, skip_t + skip_e, len(train_items), len(eval_items),
+                                   "pairs"))
+        collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
+                                          rt.device)
+        task = _task(recipe, model, tok, train_items, eval_items, collate, rt.dist)
+        final = run_supervised(task, Setup(recipe.run, tr, recipe.logging, p,
+                                           recipe.model_dump(mode="json"), rt.resume_from,
+                                           hooks or Hooks()))
+    console.print(f"[green]rm done[/]: {Path(recipe.run.output_dir) / 'final'}  "
+                  + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
+    return final
+
+
+def _task(recipe: RMRecipe, model, tok, train_items, eval_items, collate,
+          dist: Dist) -> SupervisedTask:
+    tr = recipe.train
     ebs = tr.eval_batch_size or tr.micro_batch_size
     stats_items = eval_items or train_items[:512]
-
     last_eval: dict[str, float] = {}
 
     def evaluate(model) -> dict[str, float]:
         last_eval.clear()
-        last_eval.update(rm_eval(model, eval_items, collate, ebs, recipe.loss.margin, rt.dist))
+        last_eval.update(rm_eval(model, eval_items, collate, ebs, recipe.loss.margin, dist))
         return dict(last_eval)
 
     def save(model, folder: Path, final: bool) -> None:
-        save_model(model, tok, folder, merge_lora=final)
+        extra = {}
         if final:
             # The final evaluation just scored every held-out reply with these weights: reuse
             # its statistics instead of a second pass (no eval split: score training pairs).
@@ -110,15 +125,9 @@ def run_rm(recipe: RMRecipe, resume: bool = False) -> dict[str, float]:
                       "std": max(last_eval["eval/reward_std"], 1e-6),
                       "n": int(2 * last_eval["eval/pairs"])} if last_eval
                      else reward_stats(model, stats_items, collate, ebs))
-            (folder / REWARD_STATS).write_text(json.dumps(stats, indent=2))
+            extra = {REWARD_STATS: json.dumps(stats, indent=2)}
+        save_model(model, tok, folder, merge_lora=final, extra_files=extra)
 
-    task = SupervisedTask(
-        model=model, train_items=train_items, collate=collate,
-        loss_fn=partial(bt_loss, margin=recipe.loss.margin),
-        evaluate=evaluate,
-        save_model=save, name="rm", dist=rt.dist,
-    )
-    final = run_supervised(task, recipe.run, tr, recipe.logging, resume=resume)
-    console.print(f"[green]rm done[/]: {Path(recipe.run.output_dir) / 'final'}  "
-                  + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
-    return final
+    return SupervisedTask(model=model, train_items=train_items, collate=collate,
+                          loss_fn=partial(bt_loss, margin=recipe.loss.margin),
+                          evaluate=evaluate, save_model=save, name="rm", dist=dist)

@@ -11,17 +11,18 @@ import torch
 from apactl.config import SFTRecipe
 from apactl.data import collate_sft, fit_prompts, load_examples, pack_sft, tokenize_sft
 from apactl.distributed import Dist
-from apactl.errors import UserError
+from apactl.hooks import Hooks
 from apactl.metrics import console
 from apactl.models import load_policy, save_model
 from apactl.runtime import setup_run
-from apactl.trainer import SupervisedTask, run_supervised
+from apactl.supervised import Setup, SupervisedTask, run_supervised
+from apactl.workflows.common import data_summary
 
 
 def sft_loss(model, batch) -> tuple[torch.Tensor, dict, int]:
     """Mean next-token cross-entropy over response tokens (labels != -100) of the micro-batch."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 labels=batch["labels"])
+                labels=batch["labels"])
     return out.loss, {"train/loss": out.loss.item()}, int(batch["attention_mask"].sum())
 
 
@@ -58,45 +59,40 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def run_sft(recipe: SFTRecipe, resume: bool = False) -> dict[str, float]:
-    rt = setup_run(recipe)
-    d = recipe.data
-    train_ex, eval_ex, report = load_examples(d, "sft")
-    model, tok = load_policy(recipe.model, rt.device, rt.dtype,
-                             freeze_bottom_layers=recipe.train.freeze_bottom_layers)
-    args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
-    train_items, skip_t = tokenize_sft(tok, fit_prompts(tok, train_ex, d), *args)
-    eval_items, skip_e = tokenize_sft(tok, fit_prompts(tok, eval_ex, d), *args)
-    _report(report, skip_t + skip_e, len(train_items), len(eval_items))
-    if d.packing:
-        train_items = pack_sft(train_items, d.max_len)
-    collate = lambda items: to_device(collate_sft(items, tok.pad_token_id), rt.device)  # noqa: E731
-    ebs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
-    sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
-    if sharded and recipe.model.lora is not None:
-        raise UserError("run.strategy: fsdp is not combined with model.lora; use ddp")
-    task = SupervisedTask(
-        model=model, train_items=train_items, collate=collate, loss_fn=sft_loss, sharded=sharded,
-        evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs,
-                         dist=rt.dist),
-        save_model=_saver(tok), name="sft", dist=rt.dist,
-    )
-    final = run_supervised(task, recipe.run, recipe.train, recipe.logging, resume=resume)
+def run_sft(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False,
+            hooks: Hooks | None = None) -> dict[str, float]:
+    with setup_run(recipe, resume, overwrite) as rt:
+        d, p = recipe.data, rt.precision
+        train_ex, eval_ex, report = load_examples(d, "sft")
+        model, tok = load_policy(recipe.model, rt.device, p.master_dtype,
+                                 freeze_bottom_layers=recipe.train.freeze_bottom_layers)
+        p.store_frozen(model)
+        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
+        train_items, skip_t = tokenize_sft(tok, fit_prompts(tok, train_ex, d), *args)
+        eval_items, skip_e = tokenize_sft(tok, fit_prompts(tok, eval_ex, d), *args)
+        console.print(data_summary(report, skip_t + skip_e, len(train_items), len(eval_items)))
+        if d.packing:
+            train_items = pack_sft(train_items, d.max_len)
+        collate = lambda items: to_device(collate_sft(items, tok.pad_token_id), rt.device)  # noqa: E731
+        ebs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
+        task = SupervisedTask(
+            model=model, train_items=train_items, collate=collate, loss_fn=sft_loss,
+            sharded=recipe.run.strategy == "fsdp" and rt.dist.enabled,
+            evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs,
+                             dist=rt.dist),
+            save_model=saver(tok), name="sft", dist=rt.dist,
+        )
+        final = run_supervised(task, Setup(recipe.run, recipe.train, recipe.logging, p,
+                                           recipe.model_dump(mode="json"), rt.resume_from,
+                                           hooks or Hooks()))
     console.print(f"[green]sft done[/]: {Path(recipe.run.output_dir) / 'final'}  "
                   + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
     return final
 
 
-def _saver(tok):
+def saver(tok):
+    """``save_model`` for the supervised loop: checkpoints keep a LoRA adapter as is (exact
+    resume); ``final`` gets a merged model."""
     def save(model, folder: Path, final: bool, state_dict: dict | None = None) -> None:
-        # Checkpoints keep a LoRA adapter as is (exact resume); `final` gets a merged model.
         save_model(model, tok, folder, merge_lora=final, state_dict=state_dict)
     return save
-
-
-def _report(report, skipped: int, n_train: int, n_eval: int) -> None:
-    total_skipped = report.n_skipped + skipped
-    msg = f"data: {report.source}: {n_train} train / {n_eval} eval examples"
-    if total_skipped:
-        msg += f" ({total_skipped} bad rows skipped)"
-    console.print(msg)

@@ -12,9 +12,9 @@ once, by whichever model owns those modules, and reused:
 The split is generic over transformers decoders whose backbone is ``embed_tokens -> layers ->
 norm`` (Llama, Mistral, Qwen2, Phi-3, ...): the backbone is called with its ``layers`` (and
 ``norm``) temporarily replaced by a slice, so the library's own masking, rotary embeddings and
-attention kernels run unchanged. ``Split.verify`` compares the two-part forward with the plain
-one on real inputs, and callers fall back to the plain forward when it disagrees (a model that
-rescales ``inputs_embeds``, such as Gemma, does).
+attention kernels run unchanged. ``accel.engine`` compares the two-part forward with the plain
+one on the first real batch and falls back to the plain forward where they disagree (a model
+that rescales ``inputs_embeds``, such as Gemma, does).
 """
 
 from __future__ import annotations
@@ -25,14 +25,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from apactl.models import _backbone, _hidden_states, _unwrap
-
-VERIFY_ATOL = 1e-4  # fp32: the two-part forward differs from the plain one by ~1e-6
-
-
-def _position_ids(mask: Tensor) -> Tensor:
-    # Attended tokens count; equals 0..L-1 on right-padded rows (the rollout's layout).
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+from apactl.models import backbone, position_ids, unwrap
 
 
 class Split:
@@ -44,23 +37,25 @@ class Split:
 
     def __init__(self, model, k: int):
         self.model = model
-        self.backbone = _backbone(model)
+        self.backbone = backbone(model)
         for name in ("embed_tokens", "layers", "norm"):
             if not hasattr(self.backbone, name):
                 raise ValueError(f"{type(self.backbone).__name__} has no `{name}`")
         self.k = k
 
+    def bottom(self) -> list[torch.nn.Module]:
+        """The trunk's modules: the embeddings and the bottom k layers."""
+        return [self.backbone.embed_tokens, *self.backbone.layers[: self.k]]
+
     @property
     def key(self) -> tuple[int, ...]:
         """Identity of the trunk modules: equal keys = the same trunk output for equal input."""
-        mods = [self.backbone.embed_tokens, *self.backbone.layers[: self.k]]
-        return tuple(id(m) for m in mods)
+        return tuple(id(m) for m in self.bottom())
 
     @property
     def frozen(self) -> bool:
         """True when no trunk parameter trains: its output is a constant of the rollout."""
-        mods = [self.backbone.embed_tokens, *self.backbone.layers[: self.k]]
-        return not any(p.requires_grad for m in mods for p in m.parameters())
+        return not any(p.requires_grad for m in self.bottom() for p in m.parameters())
 
     @contextlib.contextmanager
     def _swapped(self, layers: list, norm: bool) -> Iterator[None]:
@@ -78,30 +73,15 @@ class Split:
         """[B, L] ids -> [B, L, H] hidden state after layer k (no final norm), no grad."""
         with torch.no_grad(), self._swapped(list(self.backbone.layers[: self.k]), norm=False):
             out = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                                position_ids=_position_ids(attention_mask), use_cache=False)
+                                position_ids=position_ids(attention_mask), use_cache=False)
         return out.last_hidden_state
 
     def top(self, trunk: Tensor, attention_mask: Tensor) -> Tensor:
         """[B, L, H] trunk output -> [B, L, H] final (normed) hidden state; grads as usual."""
         with self._swapped(list(self.backbone.layers[self.k:]), norm=True):
             out = self.backbone(inputs_embeds=trunk, attention_mask=attention_mask,
-                                position_ids=_position_ids(attention_mask), use_cache=False)
+                                position_ids=position_ids(attention_mask), use_cache=False)
         return out.last_hidden_state
-
-    def full(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """[B, L, H] final hidden state in one plain backbone call."""
-        return _hidden_states(self.model, input_ids, attention_mask)
-
-    @torch.no_grad()
-    def verify(self, input_ids: Tensor, attention_mask: Tensor) -> float:
-        """Max |top(trunk(x)) - full(x)| over attended positions (inf if it cannot run)."""
-        try:
-            two = self.top(self.trunk(input_ids, attention_mask), attention_mask)
-        except Exception:  # noqa: BLE001 - any failure means: use the plain forward
-            return float("inf")
-        one = self.full(input_ids, attention_mask)
-        keep = attention_mask.bool()
-        return float((two[keep] - one[keep]).abs().max()) if keep.any() else 0.0
 
 
 def make_split(model, k: int) -> Split | None:
@@ -122,20 +102,20 @@ def share_bottom(owner, other, k: int) -> bool:
     a, b = make_split(owner, k), make_split(other, k)
     if a is None or b is None or k <= 0:
         return False
-    pa = [a.backbone.embed_tokens, *a.backbone.layers[:k]]
-    pb = [b.backbone.embed_tokens, *b.backbone.layers[:k]]
+    pa, pb = a.bottom(), b.bottom()
     if len(pb) != len(pa) or any(p.requires_grad for m in pa + pb for p in m.parameters()):
         return False  # a trainable bottom would drift apart (or be frozen by sharing)
     for ma, mb in zip(pa, pb):
         sa, sb = ma.state_dict(), mb.state_dict()
-        if sa.keys() != sb.keys() or any(not torch.equal(sa[n], sb[n]) for n in sa):
+        if sa.keys() != sb.keys() or any(sa[n].dtype != sb[n].dtype or not torch.equal(sa[n], sb[n])
+                                         for n in sa):
             return False
     old_embed = b.backbone.embed_tokens.weight
     b.backbone.embed_tokens = a.backbone.embed_tokens
     for i in range(k):
         b.backbone.layers[i] = a.backbone.layers[i]
-    head = _unwrap(other).get_output_embeddings() if hasattr(_unwrap(other),
-                                                             "get_output_embeddings") else None
+    inner = unwrap(other)
+    head = inner.get_output_embeddings() if hasattr(inner, "get_output_embeddings") else None
     if head is not None and head.weight is old_embed:
         head.weight = a.backbone.embed_tokens.weight
     _own_memory(other, {id(t) for t in owner.parameters()})

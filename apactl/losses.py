@@ -1,10 +1,12 @@
-"""Policy and value losses for APA, PPO and AWR.
+"""The pure losses of apactl: APA, PPO and AWR policy losses, the critic's value loss and the
+reward model's pairwise (Bradley-Terry) loss.
 
 Shapes: B = sequences in the minibatch, T = padded response length, V = vocabulary size.
 Every per-token input is [B, T]; `mask` is [B, T] with 1 on valid response tokens, 0 on padding.
 Each loss returns (loss, stats): `loss` is a scalar token-level masked mean, i.e. the sum over
 all valid tokens of the minibatch divided by their count (long responses weigh more than short
-ones); `stats` holds python floats computed without gradient. Padding never contributes to a
+ones); `stats` holds python floats computed without gradient (the loop logs the loss value itself as
+``loss/policy`` / ``loss/value``). Padding never contributes to a
 loss or to a gradient: differences are zeroed at padding *before* any nonlinearity, so even
 inf/nan padding values cannot turn into nan gradients.
 """
@@ -17,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apactl.rl.advantages import masked_mean, zero_padding
+from apactl.masked import masked_mean, zero_padding
 
 
 def _stats(mask: Tensor, **named: Tensor) -> dict[str, float]:
@@ -41,8 +43,7 @@ def apa_loss(
     target = zero_padding(advantages.detach() / lam, mask)
     residual = log_ratio - target
     loss = masked_mean(residual**2, mask)
-    stats = {"policy/loss": loss.item()}
-    stats.update(
+    stats = (
         _stats(
             mask,
             **{
@@ -71,8 +72,7 @@ def ppo_loss(
     unclipped = ratio * adv
     clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
     loss = -masked_mean(torch.min(unclipped, clipped), mask)
-    stats = {"policy/loss": loss.item()}
-    stats.update(
+    stats = (
         _stats(
             mask,
             **{
@@ -97,8 +97,7 @@ def awr_loss(
     log_cap = math.log(max_weight)
     weights = torch.exp(scaled.clamp(max=log_cap))
     loss = -masked_mean(weights * zero_padding(logprobs, mask), mask)
-    stats = {"policy/loss": loss.item()}
-    stats.update(
+    stats = (
         _stats(
             mask,
             **{"policy/awr_weight_mean": weights, "policy/awr_weight_clip_frac": scaled > log_cap},
@@ -127,8 +126,7 @@ def value_loss(
         err_clipped = zero_padding(clipped_values - returns, mask) ** 2
         loss = 0.5 * masked_mean(torch.max(err, err_clipped), mask)
         stats_in["value/clip_frac"] = (err_clipped > err).float()
-    stats = {"value/loss": loss.item()}
-    stats.update(_stats(mask, **stats_in))
+    stats = _stats(mask, **stats_in)
     return loss, stats
 
 
@@ -145,3 +143,19 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
     """
     logp = F.log_softmax(logits.float() / temperature, dim=-1)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0
+                       ) -> tuple[Tensor, dict[str, float]]:
+    """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1):
+    mean_i -log sigmoid(r_chosen_i - r_rejected_i - margin) over scores [B] and [B].
+
+    Stats: ``train/accuracy`` counts strict wins of the chosen reply, ``train/margin`` is the
+    mean score gap.
+    """
+    gap = chosen.float() - rejected.float()
+    loss = -F.logsigmoid(gap - margin).mean()
+    with torch.no_grad():
+        stats = {"train/loss": loss.item(), "train/accuracy": (gap > 0).float().mean().item(),
+                 "train/margin": gap.mean().item()}
+    return loss, stats

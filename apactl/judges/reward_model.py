@@ -21,7 +21,11 @@ def load_reward_stats(folder: str | Path) -> dict[str, float] | None:
 
 
 class RewardModelJudge:
-    """Scores ``format_for_reward(messages, response)`` with a sequence classifier."""
+    """Scores ``format_for_reward(messages, response)`` with a sequence classifier.
+
+    ``model`` is public: align shares its frozen bottom layers with the critic when they are
+    equal (``accel.trunk.share_bottom``).
+    """
 
     name = "reward-model"
 

@@ -1,0 +1,104 @@
+"""``apactl eval``'s report: the JSON-safe report, report.md's table and the console table."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from apactl.metrics import console
+
+
+def finite(obj: Any) -> Any:
+    """JSON has no NaN/inf: they become null."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [finite(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _num(x: float | None, fmt: str = ".3g") -> str:
+    return "n/a" if x is None or not math.isfinite(x) else format(x, fmt)
+
+
+def _label(p: dict[str, Any]) -> str:
+    return p["name"] + ("" if not p["is_baseline"] or "baseline" in p["name"] else " (baseline)")
+
+
+def _judge_cells(p: dict[str, Any], key: str) -> tuple[str, str]:
+    """("mean [lo, hi]", "win% [lo, hi] (ties%)") of one judge; no win rate for the baseline."""
+    j = p["judges"][key]
+    w = j["win_vs_baseline"]
+    mean = f"{_num(j['mean'])} [{_num(j['ci_lo'])}, {_num(j['ci_hi'])}]"
+    if p["is_baseline"]:
+        return mean, "—"
+    return mean, f"{w['win_rate']:.0%} [{w['ci_lo']:.0%}, {w['ci_hi']:.0%}] ({w['tie_rate']:.0%})"
+
+
+def _kl_cell(p: dict[str, Any], k: str) -> str:
+    return f"{_num(p['kl'][f'{k}_mean'])} ± {_num(p['kl'][f'{k}_se'], '.2g')}"
+
+
+def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """(headers, cells) of report.md's table: one row per policy, the baseline first."""
+    keys = report["settings"]["judges"]
+    ci = f"{round(report['settings']['confidence'] * 100)}% CI"
+    headers = ["policy"]
+    for k in keys:
+        headers += [f"{k} mean [{ci}]", f"{k} win vs baseline [{ci}] (ties)"]
+    headers += ["KL k1 ± se", "KL k3 ± se", "entropy", "tokens", "distinct-1", "distinct-2"]
+    rows = []
+    for p in report["policies"]:
+        row = [_label(p)] + [c for k in keys for c in _judge_cells(p, k)]
+        row += [_kl_cell(p, "k1"), _kl_cell(p, "k3"), _num(p["entropy"]),
+                _num(p["length_mean"], ".1f"), _num(p["distinct_1"], ".3f"),
+                _num(p["distinct_2"], ".3f")]
+        rows.append(row)
+    return headers, rows
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    s, g = report["settings"], report["settings"]["generation"]
+    headers, rows = table_rows(report)
+    lines = [
+        f"# apactl eval: {s['run_name']}", "",
+        f"- prompts: {s['n_prompts']} from `{s['data']}`, {s['samples_per_prompt']} sample(s) "
+        f"each; every policy uses sampling seed {s['seed']}",
+        f"- baseline and KL reference: **{s['baseline']}** (`{s['baseline_ref']}`)",
+        f"- sampling: temperature {g['temperature']}, top_k {g['top_k']}, top_p {g['top_p']}, "
+        f"max_new_tokens {g['max_new_tokens']}",
+        f"- intervals: percentile bootstrap over prompts ({s['bootstrap']} resamples); win rate "
+        "= wins / pairs with the baseline's sample on the same prompt and sample index, ties "
+        "counted apart; KL in nats per response ± standard error; entropy in nats per token; "
+        "tokens = mean response length in tokens", "",
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---" for _ in headers) + "|",
+        *("| " + " | ".join(r) + " |" for r in rows), "",
+    ]
+    plots = [f for f in ("frontier.png", "training_curves.png") if f in report["files"]]
+    if plots:
+        lines += ["Plots: " + ", ".join(f"[{f}]({f})" for f in plots), ""]
+    return "\n".join(lines)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    """A compact console table: a judge's mean and win rate share one two-line cell."""
+    from rich.table import Table
+
+    keys = report["settings"]["judges"]
+    ci = round(report["settings"]["confidence"] * 100)
+    table = Table(title=f"apactl eval: {report['settings']['run_name']} (mean [{ci}% CI] / "
+                  f"win rate vs baseline [{ci}% CI] (ties))")
+    table.add_column("policy", no_wrap=True)
+    for k in keys:
+        table.add_column(k)
+    for h in ("KL k1", "entropy", "tokens", "distinct-1/2"):
+        table.add_column(h, justify="right")
+    for p in report["policies"]:
+        judges = ["\n".join(_judge_cells(p, k)) for k in keys]
+        table.add_row(_label(p), *judges, _kl_cell(p, "k1"), _num(p["entropy"]),
+                      _num(p["length_mean"], ".1f"),
+                      f"{_num(p['distinct_1'], '.2f')}/{_num(p['distinct_2'], '.2f')}")
+    console.print(table)

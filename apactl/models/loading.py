@@ -1,0 +1,204 @@
+"""Loading models and tokenizers for every workflow: trainable (LoRA, frozen bottom layers,
+gradient checkpointing) or frozen, in the dtypes a ``Precision`` asks for.
+
+Nothing here reads environment variables; paths come in as arguments (the CLI owns the env).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from apactl.errors import ModelError
+from apactl.models.heads import decoder_layers, unwrap
+from apactl.models.refs import resolve_model_ref
+
+if TYPE_CHECKING:
+    from apactl.config import LoraConfig, ModelConfig
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and load reports (users see our own messages)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _hub_kwargs(ref: str, cfg: ModelConfig | None) -> dict[str, Any]:
+    """``revision`` only means something for hub ids; ``trust_remote_code`` always applies."""
+    kwargs: dict[str, Any] = {"trust_remote_code": bool(cfg and cfg.trust_remote_code)}
+    if cfg is not None and cfg.revision and not Path(ref).exists():
+        kwargs["revision"] = cfg.revision
+    return kwargs
+
+
+def load_tokenizer(ref_resolved: str, cfg: ModelConfig | None = None, padding_side: str = "right"):
+    """Tokenizer with a pad token (eos when missing) and right padding by default."""
+    from transformers import AutoTokenizer
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(ref_resolved, **_hub_kwargs(ref_resolved, cfg))
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ModelError(f"{ref_resolved}: tokenizer has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
+
+
+def freeze_bottom_layers(model, n: int) -> None:
+    """Freeze the input embeddings and the bottom ``n`` decoder layers (no-op for ``n == 0``).
+
+    With tied embeddings the LM head shares the embedding matrix and is frozen with it.
+    """
+    if n <= 0:
+        return
+    layers = decoder_layers(model)
+    if n > len(layers):
+        raise ModelError(f"freeze_bottom_layers={n} but the model has only {len(layers)} layers")
+    unwrap(model).get_input_embeddings().requires_grad_(False)
+    for layer in layers[:n]:
+        layer.requires_grad_(False)
+
+
+def _peft_config(lora: LoraConfig, task_type: str, modules_to_save: list[str] | None = None):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type=task_type,
+                          modules_to_save=modules_to_save)
+
+
+def _enable_checkpointing(model) -> None:
+    # Non-reentrant checkpointing works when the inputs need no grad (frozen embeddings, LoRA).
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x: new name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _add_lora(model, lora: LoraConfig, task_type: str):
+    from peft import get_peft_model
+
+    save = ["score"] if task_type == "SEQ_CLS" else None  # the new head must train fully
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return get_peft_model(model, _peft_config(lora, task_type, save))
+    except ValueError as exc:  # e.g. target_modules that match no module of this model
+        raise ModelError(f"lora.target_modules: {str(exc).splitlines()[0]}") from None
+
+
+def _prepare(model, cfg: ModelConfig | None, trainable: bool, freeze_n: int, task_type: str):
+    """Checkpointing, LoRA and freezing for a trainable model; eval + no grads otherwise."""
+    if not trainable:
+        model.requires_grad_(False)
+        return model.eval()
+    if cfg is not None and cfg.gradient_checkpointing:
+        _enable_checkpointing(model)
+        model.config.use_cache = False  # a KV cache is useless and wrong with checkpointing
+    if cfg is not None and cfg.lora is not None:
+        model = _add_lora(model, cfg.lora, task_type)
+    freeze_bottom_layers(model, freeze_n)
+    return model.train()
+
+
+def _from_pretrained(auto_cls, ref: str, cfg: ModelConfig | None, **kwargs):
+    """``auto_cls.from_pretrained`` with one-line errors for missing or unreadable models."""
+    try:
+        return auto_cls.from_pretrained(ref, **kwargs, **_hub_kwargs(ref, cfg))
+    except OSError as exc:  # not found on the hub / offline / unreadable files
+        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+        raise ModelError(f"{ref}: cannot load the model: {first}") from None
+
+
+def load_causal_lm(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,
+                   freeze_bottom_layers: int = 0, trainable: bool = True):
+    """A causal LM from ``cfg``: trainable (train mode, LoRA/freezing applied) or frozen (eval)."""
+    from transformers import AutoModelForCausalLM
+
+    quiet_transformers()
+    ref = resolve_model_ref(cfg.name_or_path, cfg.cache_dir, kind="causal")
+    model = _from_pretrained(AutoModelForCausalLM, ref, cfg, dtype=dtype)
+    model.to(device)
+    return _prepare(model, cfg, trainable, freeze_bottom_layers, "CAUSAL_LM")
+
+
+def _sync_pad(model, tokenizer) -> None:
+    """Generation and sequence pooling read the pad id from the config; take the tokenizer's."""
+    inner = unwrap(model)
+    inner.config.pad_token_id = tokenizer.pad_token_id
+    gen = getattr(inner, "generation_config", None)
+    if gen is not None and gen.pad_token_id is None:
+        gen.pad_token_id = tokenizer.pad_token_id
+
+
+def load_policy(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,
+                freeze_bottom_layers: int = 0, trainable: bool = True):
+    """``(model, tokenizer)``: ``load_causal_lm`` + tokenizer (``cfg.tokenizer`` or the model)."""
+    model = load_causal_lm(cfg, device, dtype, freeze_bottom_layers, trainable)
+    tok_ref = resolve_model_ref(cfg.tokenizer or cfg.name_or_path, cfg.cache_dir, kind="causal")
+    tokenizer = load_tokenizer(tok_ref, cfg)
+    _sync_pad(model, tokenizer)
+    return model, tokenizer
+
+
+def load_reference(policy, cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype):
+    """The frozen reference policy, or None with LoRA (the policy with its adapter disabled).
+
+    With LoRA the base weights never change, so disabling the adapter *is* the reference and no
+    second copy is kept in memory. Otherwise the initial weights are reloaded from ``cfg``.
+    """
+    if cfg.lora is not None:
+        if not hasattr(policy, "disable_adapter"):
+            raise ModelError("cfg.lora is set but the policy is not a peft model")
+        return None
+    return load_causal_lm(cfg, device, dtype, trainable=False)
+
+
+@contextlib.contextmanager
+def reference_logits_context(policy, ref_model) -> Iterator[Any]:
+    """Yield the module computing reference outputs (``ref_model``, or the adapter-less policy).
+
+    Gradients are off inside: the reference is never trained.
+    """
+    with torch.no_grad():
+        if ref_model is not None:
+            yield ref_model
+        else:
+            with policy.disable_adapter():
+                yield policy
+
+
+def load_sequence_classifier(ref: str, device: torch.device | str, dtype: torch.dtype,
+                             trainable: bool, cfg: ModelConfig | None = None,
+                             freeze_bottom_layers: int = 0, kind: str = "reward"):
+    """``(model, tokenizer)``: a scalar-head classifier (``num_labels=1``) for rewards or values.
+
+    From a causal-LM folder the backbone weights are loaded and a new ``score`` head is created;
+    from a saved reward-model folder everything is loaded. Any other missing weight is an error
+    (a backbone that silently stayed random would train a reward model on noise).
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    quiet_transformers()
+    resolved = resolve_model_ref(ref, cfg.cache_dir if cfg is not None else None, kind=kind)
+    model, info = _from_pretrained(AutoModelForSequenceClassification, resolved, cfg,
+                                   num_labels=1, dtype=dtype, output_loading_info=True)
+    missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
+    if missing:
+        raise ModelError(f"{ref}: {len(missing)} backbone weights not found in the checkpoint "
+                         f"(e.g. {missing[0]}); is it a causal LM or reward model of a supported "
+                         "type?")
+    tokenizer = load_tokenizer(resolved, cfg)
+    # Required: transformers pools at the last non-pad token using config.pad_token_id.
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.to(device)
+    return _prepare(model, cfg, trainable, freeze_bottom_layers, "SEQ_CLS"), tokenizer

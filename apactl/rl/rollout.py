@@ -1,0 +1,153 @@
+"""Rollouts: generate -> log-probs under policy and reference, values -> judge scores.
+
+A global batch of prompts is cut into chunks; chunk j is sampled with a seed derived from
+(run.seed, stream, key..., j) and scored by rank j % world_size, then the ranks exchange their
+chunks (``sampling.seeded_chunks``). So the rollout does not depend on the world size (for a
+fixed chunk size), resume is exact, and everything after it (advantages, whitening, KL control,
+metrics) sees the global batch on every rank with no further communication.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from apactl.data import left_pad
+from apactl.distributed import Dist
+from apactl.masked import masked_mean
+from apactl.metrics import Timer
+from apactl.rl.forward import Forwards, build_sequences, fit_width
+from apactl.rl.types import Rollout
+from apactl.sampling import SamplingSpec, Stream, sample, seeded_chunks
+
+
+@dataclass
+class Actors:
+    """Every model the loop touches. ``ref is None`` means: the policy with LoRA disabled.
+
+    ``sampler`` decodes; it is the policy itself, or an inference copy of it (16-bit weights
+    under mixed precision) that ``sync_sampler`` refreshes after each update.
+    """
+
+    policy: torch.nn.Module
+    ref: torch.nn.Module | None
+    critic: torch.nn.Module
+    judge: Any  # apactl.judges.Judge
+    tokenizer: Any
+    eos: list[int]
+    device: torch.device
+    forwards: Forwards
+    sampler: torch.nn.Module | None = None
+
+    def sync_sampler(self) -> None:
+        """Copy the policy's current weights into the inference copy (no-op without one)."""
+        if self.sampler is None or self.sampler is self.policy:
+            return
+        with torch.no_grad():
+            for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
+                dst.copy_(src)
+
+
+@dataclass
+class RolloutPlan:
+    """How one rollout runs: the distribution, chunking and seeding, the precision context."""
+
+    spec: SamplingSpec
+    chunk_size: int | None  # prompts per generate() call; None: one chunk per rank
+    forward_batch: int  # rows per scoring forward
+    seed: int
+    pad_id: int
+    backend: str = "auto"
+    autocast: Callable[[], Any] = lambda: torch.autocast("cpu", enabled=False)
+
+
+def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
+                 mask: Tensor) -> tuple[list[str], Tensor]:
+    """Decode responses and score the text: the judge tokenises it with its own tokenizer."""
+    ids = [row[: int(m.sum())].tolist() for row, m in zip(response_ids.cpu(), mask.cpu())]
+    texts = actors.tokenizer.batch_decode(ids, skip_special_tokens=True)
+    scores = actors.judge.score([p["messages"] for p in prompts], texts)
+    return texts, torch.as_tensor(scores, dtype=torch.float32)
+
+
+@torch.no_grad()
+def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer,
+                    stream: Stream, key: tuple[int, ...], dist: Dist | None = None
+                    ) -> tuple[Rollout, list[str], dict[str, float]]:
+    """Generate and score one global batch of prompts; every rank returns the whole Rollout
+    (``episode`` = row index) and the forwards remember what they kept for the update."""
+    dist = dist or Dist()
+    size = plan.chunk_size or max(-(-len(prompts) // dist.world_size), 1)
+    chunks = seeded_chunks(len(prompts), size,
+                           lambda rows: _chunk(actors, prompts[rows], plan, timer),
+                           plan.seed, stream, key, dist)
+    ro, ent, ended, kept = _merge(chunks, plan.pad_id, actors.device)
+    actors.forwards.remember(kept)
+    mask = ro.response_mask
+    stats = {"policy/entropy": masked_mean(ent, mask).item(),
+             "response/length_mean": mask.sum(1).mean().item(),
+             "response/eos_rate": ended.float().mean().item()}
+    return ro, [t for c in chunks for t in c["texts"]], stats
+
+
+def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
+           ) -> dict[str, Any]:
+    """Sample and score one chunk; CPU tensors (they travel between ranks)."""
+    dev = actors.device
+    q_ids, q_mask = left_pad([p["input_ids"] for p in prompts], plan.pad_id)
+    q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
+    sampler = actors.sampler or actors.policy
+    sampler.eval()
+    with timer("generate"):
+        resp, mask = sample(sampler, q_ids, q_mask, plan.spec, actors.eos, plan.pad_id,
+                            plan.backend)
+    seq = build_sequences(q_ids, q_mask, resp, mask, plan.pad_id)
+    fb = plan.forward_batch
+    if actors.forwards.pending_check:
+        with timer("verify"), plan.autocast():
+            actors.forwards.check(seq.rows(slice(0, fb)), resp[:fb], plan.spec)
+    with timer("score"), plan.autocast():
+        parts = [actors.forwards.rollout(seq.rows(s), resp[s], plan.spec)
+                 for s in (slice(i, i + fb) for i in range(0, resp.shape[0], fb))]
+        width = seq.input_ids.shape[1]
+        scored = {k: torch.cat([fit_width(p[k], width) if k.startswith("keep/") else p[k]
+                                for p in parts]) for k in parts[0]}
+    with timer("reward"):
+        texts, raw = judge_scores(actors, prompts, resp, mask)
+    ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
+    out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
+           "scores": raw, "ended": ended, **scored}
+    return {**{k: v.cpu() for k, v in out.items()}, "texts": texts}
+
+
+def _merge(chunks: list[dict], pad_id: int, device
+           ) -> tuple[Rollout, Tensor, Tensor, dict[str, Tensor]]:
+    """Chunks -> one Rollout (prompts re-left-padded, responses re-right-padded to the widest),
+    the entropies, the ended flags and the forwards' kept tensors (padded along dim 1)."""
+    p = max(c["query_ids"].shape[1] for c in chunks)
+    t = max(c["response_ids"].shape[1] for c in chunks)
+
+    def cat(key: str, width: int, value: float = 0, left: bool = False) -> Tensor:
+        def pad(x: Tensor) -> Tensor:
+            extra = width - x.shape[1]
+            return torch.nn.functional.pad(x, (extra, 0) if left else (0, extra), value=value)
+        return torch.cat([pad(c[key]) for c in chunks]).to(device)
+
+    def rows(key: str) -> Tensor:
+        return torch.cat([c[key] for c in chunks]).to(device)
+
+    kept = {}
+    for k in (k for k in chunks[0] if k.startswith("keep/")):
+        width = max(c[k].shape[1] for c in chunks)
+        kept[k] = torch.cat([fit_width(c[k], width) for c in chunks]).to(device)
+    scores = rows("scores")
+    ro = Rollout(cat("query_ids", p, pad_id, left=True), cat("query_mask", p, left=True),
+                 cat("response_ids", t, pad_id), cat("response_mask", t),
+                 old_logprobs=cat("old_logprobs", t), ref_logprobs=cat("ref_logprobs", t),
+                 values=cat("values", t), scores=scores,
+                 episode=torch.arange(scores.shape[0], device=device))
+    return ro, cat("entropy", t), rows("ended"), kept

@@ -1,0 +1,46 @@
+"""Seeded chunks: the same random numbers for chunk j whatever rank draws it, and on resume."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import IntEnum
+from typing import TypeVar
+
+import torch
+
+from apactl.distributed import Dist
+
+T = TypeVar("T")
+
+
+class Stream(IntEnum):
+    """Independent random streams; the values are part of every seed (changing one changes
+    every sample drawn from that stream)."""
+
+    ROLLOUT = 1  # align's training rollouts; key: (iteration,)
+    ALIGN_EVAL = 2  # align's held-out evaluation; key: (iteration, first prompt)
+    EVAL = 3  # apactl eval; key: ()
+    LABEL = 4  # apactl label; key: ()
+
+
+def chunk_seed(seed: int, *key: int) -> int:
+    """A seed that is a pure function of (run seed, key...): sampling of chunk j at iteration i
+    does not depend on which rank draws it or on what was drawn before (exact resume too)."""
+    h = seed % 2**61
+    for k in key:
+        h = (h * 1_000_003 + k + 7) % 2**61
+    return h
+
+
+def seeded_chunks(n: int, size: int, fn: Callable[[slice], T], seed: int, stream: Stream,
+                  key: tuple[int, ...] = (), dist: Dist | None = None) -> list[T]:
+    """``fn(rows)`` for each chunk of ``size`` rows of ``n``, chunk j seeded with
+    ``chunk_seed(seed, stream, *key, j)`` and run by rank j % world_size; every rank returns
+    all results in chunk order (results travel between ranks: keep them on the CPU)."""
+    dist = dist or Dist()
+    mine = {}
+    for j, start in enumerate(range(0, n, size)):
+        if dist.owns(j):
+            torch.manual_seed(chunk_seed(seed, int(stream), *key, j))
+            mine[j] = fn(slice(start, min(start + size, n)))
+    return dist.gather_chunks(mine)

@@ -1,0 +1,156 @@
+"""Per-step decode time of three rollout loops on one model, as one JSON object on stdout.
+
+  (a) reference: ``apactl.sampling.loop.decode_loop`` (eager, DynamicCache, a 2D mask per step)
+  (b) static:    ``decode_static(cuda_graphs=False)`` (StaticCache, fixed shapes, eager)
+  (c) graph:     ``decode_static(cuda_graphs=True)`` (the same step replayed as a CUDA graph)
+
+Per-step time = (t(N new tokens) - t(1)) / (N - 1), prefill cancelled out; EOS is disabled (id
+-1). Best of ``--reps`` runs: CUDA events on a GPU, ``perf_counter`` on a CPU (no (c) there).
+Weight-read lower bound of a step = parameter bytes / copy bandwidth (read+write bytes/s of
+``dst.copy_(src)``, as in benchmarks/benchlib.py); KV-cache reads come on top.
+``--model random:smollm2-135m`` (or -360m): a random Llama of that shape (no checkpoint needed).
+
+  python benchmarks/gpu/decode_bench.py --model FOLDER --batch 64 --prompt-len 64 \
+      --new-tokens 128 --dtype bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+import traceback
+
+import torch
+
+import apactl.sampling.static as ds
+from apactl.sampling import SamplingSpec
+from apactl.sampling.loop import decode_loop
+
+SHAPES = {  # hidden, intermediate, layers, heads, kv heads of the SmolLM2 checkpoints
+    "smollm2-135m": (576, 1536, 30, 9, 3), "smollm2-360m": (960, 2560, 32, 15, 5)}
+
+
+def load(name: str, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    if not name.startswith("random:"):
+        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
+    h, i, n, a, kv = SHAPES[name.removeprefix("random:")]
+    cfg = LlamaConfig(vocab_size=49152, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
+                      num_attention_heads=a, num_key_value_heads=kv, tie_word_embeddings=True,
+                      max_position_embeddings=8192, pad_token_id=2, eos_token_id=2)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+def timed(fn, device: torch.device, reps: int) -> float:
+    """Best wall time of ``fn()`` in ms over ``reps`` runs."""
+    best = math.inf
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = (torch.cuda.Event(enable_timing=True) for _ in range(2))
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            best = min(best, start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def copy_bandwidth(device: torch.device, dtype: torch.dtype, reps: int = 5) -> float:
+    """Read+write bytes per second of a large on-device copy."""
+    mib = 1024 if device.type == "cuda" else 256
+    src = torch.ones(mib * 2**20 * 8 // torch.finfo(dtype).bits, dtype=dtype, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ms = timed(lambda: dst.copy_(src), device, reps)
+    return 2 * src.numel() * src.element_size() / (ms / 1e3)
+
+
+def prompts(vocab: int, batch: int, length: int, pad: int, device: torch.device):
+    """Random ids [B, P], LEFT-padded to ragged lengths in [P/2, P]."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, vocab, (batch, length), generator=g)
+    lengths = torch.randint(max(1, length // 2), length + 1, (batch,), generator=g)
+    m = (torch.arange(length)[None, :] >= length - lengths[:, None]).long()
+    return q.masked_fill(m == 0, pad).to(device), m.to(device)
+
+
+def loops(model, q, m, pad: int) -> dict:
+    """name -> fn(n_new) -> new tokens [B, T]; EOS id -1 is never drawn: rows run every step."""
+    def reference(n):
+        return decode_loop(model, q, m, SamplingSpec(max_new_tokens=n), [-1], pad)
+
+    def static(graphs):
+        return lambda n: ds.decode_static(model, q, m, max_new_tokens=n, temperature=1.0,
+                                          top_k=0, top_p=1.0, eos=[-1], pad_id=pad,
+                                          cuda_graphs=graphs)
+    return {"reference": reference, "static": static(False), "graph": static(True)}
+
+
+def stage(name: str, run, n: int, device, reps: int, batch: int, bound: float | None) -> dict:
+    """Time one loop; the tokens of a seeded run are kept to compare loops."""
+    first = timed(lambda: run(n), device, 1)  # includes any graph capture
+    t_n, t_1 = timed(lambda: run(n), device, reps), timed(lambda: run(1), device, reps)
+    step = (t_n - t_1) / max(n - 1, 1)
+    torch.manual_seed(0)
+    row = {"step_ms": step, "tokens_per_s": batch / (step / 1e3), "prefill_ms": t_1,
+           "first_call_ms": first, "total_ms": t_n, "_tokens": run(n)}
+    if bound:
+        row["fraction_of_bound"] = bound / step
+    if name == "graph":
+        row.update(fallback=ds.GRAPH_FALLBACK_REASON, captures=ds.CAPTURE_COUNT)
+    return row
+
+
+def main() -> None:
+    import transformers
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    for flag, default in (("--batch", 64), ("--prompt-len", 64), ("--new-tokens", 128),
+                          ("--reps", 3)):
+        ap.add_argument(flag, type=int, default=default)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = load(args.model, dtype, device)
+    pad = model.config.pad_token_id or 0
+    q, m = prompts(model.config.vocab_size, args.batch, args.prompt_len, pad, device)
+    result = {"config": vars(args), "torch": torch.__version__,
+              "transformers": transformers.__version__, "device": torch.cuda.get_device_name(
+                  device) if device.type == "cuda" else "cpu"}
+    weights = result["weights"] = {"param_bytes": sum(p.numel() * p.element_size()
+                                                      for p in model.parameters())}
+    try:
+        bw = copy_bandwidth(device, dtype)
+        weights.update(copy_GBps=bw / 1e9, lower_bound_step_ms=weights["param_bytes"] / bw * 1e3)
+    except Exception as e:
+        weights["error"] = repr(e)
+    for name, run in loops(model, q, m, pad).items():
+        if name == "graph" and device.type != "cuda":
+            result[name] = {"skipped": "no CUDA device"}
+            continue
+        try:
+            result[name] = stage(name, run, args.new_tokens, device, args.reps, args.batch,
+                                 weights.get("lower_bound_step_ms"))
+        except Exception as e:  # one failing loop must not hide the others' numbers
+            result[name] = {"error": repr(e), "traceback": traceback.format_exc()[-2000:]}
+    base = result.get("static", {}).get("_tokens")
+    for name in ("reference", "static", "graph"):  # rows identical to (b) for the same seed
+        toks = result.get(name, {}).pop("_tokens", None)
+        if toks is not None and base is not None and toks.shape == base.shape:
+            result[name]["rows_equal_static"] = float((toks == base).all(1).float().mean())
+    print(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
