@@ -9,6 +9,7 @@ process that made it is gone. Files go through a temporary file and ``os.replace
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from collections.abc import Callable
@@ -69,7 +70,7 @@ def write_folder(dest: str | Path, write: Callable[[Path], None],
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        write(tmp)
+        _disk_full_is_oserror(write, tmp)
         fsync_dir(tmp)
         if dest.exists() and exist == "keep":
             return dest
@@ -78,6 +79,20 @@ def write_folder(dest: str | Path, write: Callable[[Path], None],
         shutil.rmtree(tmp, ignore_errors=True)
     fsync_dir(dest.parent)
     return dest
+
+
+def _disk_full_is_oserror(write: Callable[[Path], None], tmp: Path) -> None:
+    """Run ``write(tmp)``; a failed write on a full disk is an ``OSError(ENOSPC)`` whatever the
+    writer raised (torch.save says ``[enforce fail at inline_container.cc] ... unexpected pos``,
+    which never mentions the disk)."""
+    try:
+        write(tmp)
+    except RuntimeError as exc:
+        free = shutil.disk_usage(tmp).free
+        if "unexpected pos" in str(exc) or "write" in str(exc).lower() and free < 64 * 2**20:
+            raise OSError(errno.ENOSPC, f"no space left on the device ({free // 2**20} MiB "
+                          "free)", str(tmp.parent)) from exc
+        raise
 
 
 def _swap(tmp: Path, dest: Path) -> None:

@@ -50,11 +50,12 @@ def _complete(root: Path) -> list[Path]:
 
 
 def prune(root: Path, keep: int, protect: Path | None = None) -> None:
-    """Delete all but the newest ``keep`` checkpoints; ``protect`` (the one just written) stays
-    even if older ones have higher step numbers (they belong to no run that resumes here)."""
-    for p in _complete(root)[:-keep]:
-        if protect is None or p != protect:
-            shutil.rmtree(p, ignore_errors=True)
+    """Keep ``keep`` checkpoints: ``protect`` (the one just written) and the newest others;
+    the one just written is never deleted, even when older runs left higher step numbers."""
+    others = [p for p in _complete(root) if p != protect]
+    n_others = keep - 1 if protect is not None else keep
+    for p in others[:max(len(others) - n_others, 0)]:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
@@ -65,6 +66,21 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     ckpts = list_checkpoints(output_dir)
     return ckpts[-1] if ckpts else None
+
+
+def problem(ckpt: Path) -> str | None:
+    """Why checkpoint ``ckpt`` cannot be resumed (an unreadable state or weights file), or None.
+    Reads the state and every safetensors header, not the weights."""
+    from safetensors import safe_open
+
+    try:
+        load_state(ckpt)
+        for f in ckpt.rglob("*.safetensors"):
+            with safe_open(str(f), framework="pt") as st:
+                st.keys()
+    except Exception as exc:  # noqa: BLE001 - any damage means: not this one
+        return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    return None
 
 
 def load_state(ckpt: Path) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
@@ -48,6 +48,20 @@ class RunConfig(Section):
     # ddp: every rank holds the whole model. fsdp (sft only): weights, gradients and optimizer
     # state sharded over the ranks (torch FSDP2), for models that do not fit on one device.
     strategy: Literal["ddp", "fsdp"] = "ddp"
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        # YAML 1.1 reads a bare `no` as false: `mixed_precision: no` must mean "no".
+        return "no" if v is False else v
+
+    @model_validator(mode="after")
+    def _precision(self) -> RunConfig:
+        expected = {"bf16": "bfloat16", "fp16": "float16"}.get(self.mixed_precision)
+        if expected and self.dtype not in ("auto", expected):
+            raise ValueError(f"mixed_precision {self.mixed_precision} computes in {expected}, "
+                             f"but dtype is {self.dtype}; set run.dtype={expected} or auto")
+        return self
 
 
 # ------------------------------------------------------------------------------------- model
@@ -193,15 +207,6 @@ class RecipeBase(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     # Commands whose training loop can shard a model (run.strategy: fsdp).
     shardable: ClassVar[bool] = False
-
-    @model_validator(mode="after")
-    def _precision(self) -> RecipeBase:
-        mp, dtype = self.run.mixed_precision, self.run.dtype
-        expected = {"bf16": "bfloat16", "fp16": "float16"}.get(mp)
-        if expected and dtype not in ("auto", expected):
-            raise ValueError(f"run.mixed_precision: {mp} computes in {expected}, but run.dtype "
-                             f"is {dtype}; set run.dtype={expected} or auto")
-        return self
 
     @model_validator(mode="after")
     def _strategy(self) -> RecipeBase:
@@ -375,7 +380,7 @@ AlgoConfig = Annotated[APAConfig | PPOConfig | AWRConfig, Field(discriminator="n
 
 
 class AlignTrainConfig(Section):
-    iterations: PositiveInt = 100
+    iterations: Annotated[int, Field(gt=0, le=10_000_000)] = 100
     rollout_batch_size: PositiveInt = 16  # episodes generated per iteration
     minibatch_size: PositiveInt = 8  # episodes per optimizer step
     grad_accum: PositiveInt = 1
@@ -389,7 +394,9 @@ class AlignTrainConfig(Section):
     eval_every: NonNegInt = 0
     save_every: NonNegInt = 0
     keep_checkpoints: PositiveInt = 2
-    forward_batch_size: PositiveInt | None = None  # scoring micro-batch; None = minibatch/accum
+    # Rows per scoring forward. None: the update micro-batch (minibatch/accum) on CPU, a budget
+    # of 16384 tokens per forward on a GPU.
+    forward_batch_size: PositiveInt | None = None
     # Compute the frozen bottom (embeddings + freeze_bottom_layers) once per rollout: shared by
     # policy and reference (and a critic initialised from the policy), cached for the update,
     # which then runs the top layers only. Costs episodes x length x hidden floats per model.

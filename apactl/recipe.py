@@ -65,9 +65,14 @@ def _parse_yaml(p: Path):
 
     try:
         return OmegaConf.load(p)
-    except Exception as exc:  # noqa: BLE001 - yaml/omegaconf errors: keep the first line
-        lines = [ln for ln in str(exc).splitlines() if ln.strip()]
-        raise RecipeError([f"recipe: cannot parse {p}: {' '.join(lines[:2])}"]) from None
+    except Exception as exc:  # noqa: BLE001 - yaml/omegaconf errors span several lines
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # YAML says "while constructing X / in file, line a / PROBLEM / in file, line b": the
+        # problem and where it is are the last two lines.
+        where = next((ln for ln in reversed(lines) if ln.startswith("in ")), "")
+        problem = next((ln for ln in reversed(lines) if not ln.startswith("in ")), "")
+        line = where.rsplit(", line ", 1)[-1].split(",")[0] if ", line " in where else "?"
+        raise RecipeError([f"recipe: cannot parse {p} (line {line}): {problem}"]) from None
 
 
 def _overrides(overrides: list[str] | tuple[str, ...]):

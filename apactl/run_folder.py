@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from apactl.atomic import clean_dead_temps, pid_alive, write_file
-from apactl.checkpoint import CKPT_DIR, latest_checkpoint, load_state
+from apactl.checkpoint import CKPT_DIR, list_checkpoints, load_state, problem
 from apactl.errors import RunFolderError
 
 LOCK = ".apactl.lock"
@@ -107,7 +107,7 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> Path | None:
     clean_dead_temps(folder)
     clean_dead_temps(folder / CKPT_DIR)
     if resume:
-        last = latest_checkpoint(folder)
+        last = latest_good_checkpoint(folder)
         if last is None and has_results(folder):
             raise RunFolderError(f"{folder}: --resume: no checkpoint to resume, but the folder "
                                  "holds an earlier run's results; pass --overwrite to replace "
@@ -119,6 +119,19 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> Path | None:
                                  "metrics); pass --resume to continue it or --overwrite to "
                                  "replace it, or choose another run.output_dir")
         clear(folder)
+    return None
+
+
+def latest_good_checkpoint(folder: Path) -> Path | None:
+    """The newest checkpoint that can be read; damaged newer ones are named and skipped."""
+    from apactl.metrics import console
+
+    for ckpt in reversed(list_checkpoints(folder)):
+        why = problem(ckpt)
+        if why is None:
+            return ckpt
+        console.print(f"[yellow]warning:[/] checkpoint {ckpt} is damaged ({why}); "
+                      "resuming from the one before it")
     return None
 
 
@@ -147,8 +160,8 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
     if changed:
         a, b = _flatten(stored), _flatten(recipe)
         shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
-                          for k in changed[:6])
-        more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+                          for k in changed[:8])
+        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
         raise RunFolderError(f"--resume: the recipe differs from the run's ({last}): {shown}"
                              f"{more}; resume with the run's own recipe ({last.parent.parent}/"
                              "recipe.yaml) or start a new run.output_dir")

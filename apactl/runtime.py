@@ -22,6 +22,20 @@ class Runtime:
     dist: Dist = field(default_factory=Dist)
     resume_from: Path | None = None  # the checkpoint this run continues (None: a fresh start)
     lock: Lock | None = None
+    recipe_text: str | None = None  # recipe.yaml, written by ``begin`` (None: keep the old one)
+    created: bool = False  # the output folder did not exist before this run
+    begun: bool = False
+
+    def begin(self) -> None:
+        """The run is known to start (inputs read, models loaded, checks passed): only now is
+        ``recipe.yaml`` written, so a run that fails on bad input leaves the folder as it was."""
+        if self.begun:
+            return
+        self.begun = True
+        if self.is_main and self.recipe_text is not None:
+            from apactl.run_folder import write_recipe
+
+            write_recipe(self.output_dir, self.recipe_text)
 
     @property
     def device(self) -> torch.device:
@@ -37,6 +51,11 @@ class Runtime:
     def __exit__(self, *exc) -> None:
         if self.lock is not None:
             self.lock.release()
+        if self.created and not self.begun and self.is_main:
+            try:
+                self.output_dir.rmdir()  # made for the lock alone: leave nothing behind
+            except OSError:
+                pass
 
 
 def setup_run(recipe: RecipeBase, resume: bool = False, overwrite: bool = False,
@@ -87,17 +106,18 @@ def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,
                 trains: bool) -> None:
     """Rank 0 locks and claims the folder; every rank learns which checkpoint to resume."""
     from apactl.recipe import recipe_to_yaml
-    from apactl.run_folder import check_resume, claim, write_recipe
+    from apactl.run_folder import check_resume, claim
 
     last = None
     if rt.is_main:
+        rt.created = not rt.output_dir.exists()
         rt.lock = Lock(rt.output_dir)
         rt.lock.acquire()
         if trains:
             last = claim(rt.output_dir, resume, overwrite)
             check_resume(last, recipe.model_dump(mode="json"))
-        if last is None:
-            write_recipe(rt.output_dir, recipe_to_yaml(recipe))
+        if last is None:  # a resumed run keeps the recipe.yaml of the run it continues
+            rt.recipe_text = recipe_to_yaml(recipe)
     found = rt.dist.broadcast_object(str(last) if last is not None else None)
     rt.resume_from = Path(found) if found else None
     if resume and rt.resume_from is None and trains:

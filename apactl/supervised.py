@@ -115,6 +115,7 @@ class Setup:
     recipe: dict[str, Any]  # the resolved recipe, stored in every checkpoint
     resume_from: Path | None = None  # the checkpoint to resume (RunFolder decides)
     hooks: Hooks = field(default_factory=Hooks)
+    begin: Callable[[], None] = lambda: None  # the run starts for real (Runtime.begin)
 
 
 def run_supervised(task: SupervisedTask, s: Setup) -> dict[str, float]:
@@ -133,6 +134,7 @@ def run_supervised(task: SupervisedTask, s: Setup) -> dict[str, float]:
         task.model = shard_model(task.model)
     opt = _optimization(task, s, n_steps)
     start, _ = resume(s.resume_from, lambda folder: None, opt)
+    s.begin()
     s.hooks.call("on_start", {"model": task.model})
     logger = MetricsLogger(out, s.logging.tensorboard, enabled=task.dist.is_main,
                            resume_step=start if s.resume_from is not None else None)

@@ -57,7 +57,7 @@ def untrained_reward_model(policy_ref: str, cache_dir: str | None = None,
 def resolve_recipe(recipe_path: str | Path, sets: list[str], algo: str | None, iterations: int,
                    threads: int, reward: str | None, tag: str | None = None):
     """The validated AlignRecipe the benchmark runs (and the reward-model folder it uses)."""
-    from apactl.config import load_raw, parse_recipe
+    from apactl.recipe import load_raw, parse_recipe
 
     overrides = list(sets) + ([f"algo.name={algo}"] if algo else [])
     raw = load_raw(recipe_path, overrides)
@@ -182,7 +182,7 @@ def run_benchmark(recipe, warmup: int, limits_cfg: dict[str, int]) -> dict[str, 
     sampler.mark("load")
     rec = Recorder(warmup, sampler, recipe)
     t0 = time.perf_counter()
-    wf.run_align(recipe, hooks=rec.hooks())
+    wf.run_align(recipe, overwrite=True, hooks=rec.hooks())  # a benchmark cache folder
     t_end = time.perf_counter()
     sampler.stop()
     memory = sampler.report()

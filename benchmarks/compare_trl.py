@@ -35,13 +35,14 @@ DRIVERS = {"trl-ppo": bl.HERE / "trl_ppo_driver.py", "trl-rloo": bl.HERE / "trl_
 
 def write_prompts(recipe, n_iterations: int, path: Path) -> Path:
     """The prompts apactl's align loop consumes, iteration by iteration, as jsonl."""
-    import apactl.workflows.align as wf
     from apactl.models import load_tokenizer, resolve_model_ref
+    from apactl.rl.loop import PromptSampler
+    from apactl.workflows.align import tokenized_prompts
 
     pol = recipe.policy
     tok = load_tokenizer(resolve_model_ref(pol.tokenizer or pol.name_or_path, pol.cache_dir), pol)
-    prompts, _ = wf._tokenized_prompts(recipe, tok)
-    sampler = wf.PromptSampler(len(prompts), recipe.train.rollout_batch_size, recipe.run.seed)
+    prompts, _ = tokenized_prompts(recipe, tok)
+    sampler = PromptSampler(len(prompts), recipe.train.rollout_batch_size, recipe.run.seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for it in range(n_iterations):

@@ -67,13 +67,14 @@ def main(argv: list[str] | None = None) -> int:
         f"model.name_or_path={policy}", "model.lora.r=16", "model.lora.alpha=32",
         f"run.output_dir={cache / 'sft'}", "train.batch_size=8", "train.grad_accum=1",
         f"train.max_steps={a.steps}", "train.eval_every=0", "data.eval_rows=0",
-        "train.freeze_bottom_layers=0", "data.max_len=128", *common], threads,
+        "train.freeze_bottom_layers=0", "data.max_len=128", *common, "--overwrite"], threads,
         cache / "sft.log")
     align = run_measured(py + [
         "align", str(at.DEFAULT_RECIPE), "--algo", "ppo", f"policy.name_or_path={policy}",
         f"reward.path={reward}", *LORA, f"run.output_dir={cache / 'align'}",
         f"train.iterations={a.iterations}", "train.freeze_bottom_layers=0",
-        "critic.freeze_bottom_layers=" + ("1" if a.smoke else "24"), *common], threads,
+        "critic.freeze_bottom_layers=" + ("1" if a.smoke else "24"), *common, "--overwrite"],
+        threads,
         cache / "align.log")
     ratio = align["peak_rss_mib"] / sft["peak_rss_mib"]
     res = {"policy": policy, "reward": reward, "threads": threads, "policy_alone_sft": sft,

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.threads = args.threads or (1 if args.smoke else bl.available_threads())
     args.all_sets = (at.SMOKE_SETS if args.smoke else []) + args.sets
-    from apactl.config import load_raw
+    from apactl.recipe import load_raw
 
     raw = load_raw(args.recipe, args.all_sets + ([f"algo.name={args.algo}"] if args.algo else []))
     algo = (raw.get("algo") or {}).get("name", "apa")

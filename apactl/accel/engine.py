@@ -35,9 +35,11 @@ from apactl.rl.forward import (
 from apactl.sampling import SamplingSpec
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    # A structural mismatch is O(1); fp32 reordering noise is ~1e-5 on log-probs.
-    return 1e-3 if dtype == torch.float32 else 1e-1
+def _tolerance(param: torch.Tensor) -> float:
+    # A structural mismatch is O(1); fp32 reordering noise is ~1e-5 on log-probs, 16-bit
+    # compute (16-bit weights, or fp32 weights under autocast) ~1e-2.
+    half = param.dtype != torch.float32 or torch.is_autocast_enabled(param.device.type)
+    return 1e-1 if half else 1e-3
 
 
 @dataclass
@@ -124,7 +126,7 @@ class TrunkForwards(PlainForwards):
             # forward numbers positions past a row's end differently.
             valid = seq.attention_mask.gather(1, seq.positions).bool()
             diff = float((fast - slow)[valid].abs().max()) if valid.any() else 0.0
-            if not diff <= _tolerance(next(role.model.parameters()).dtype):
+            if not diff <= _tolerance(next(role.model.parameters())):
                 self.warn(f"{role.name}: the split forward disagrees with the plain one "
                           f"(max diff {diff:.2g}); using the plain forward for this model")
                 role.split = None

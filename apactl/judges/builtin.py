@@ -32,6 +32,8 @@ class CharFractionJudge:
     name = "char-fraction"
 
     def __init__(self, chars: str = "a"):
+        if not isinstance(chars, str) or not chars:
+            raise ValueError(f"chars must be a non-empty string, got {chars!r}")
         self.chars = set(chars)
 
     def score(self, prompts, responses):

@@ -121,4 +121,8 @@ def build_judge(spec: JudgeSpec, device: Any = "cpu", dtype: Any = None) -> Judg
     context = {"path": spec.path, "device": device, "dtype": dtype,
                "batch_size": spec.batch_size, "normalize": spec.normalize}
     names, _ = _takes(factory)
-    return factory(**spec.args, **{k: v for k, v in context.items() if k in names})
+    try:
+        return factory(**spec.args, **{k: v for k, v in context.items() if k in names})
+    except (TypeError, ValueError) as exc:  # args of the wrong type or value, e.g. chars: 5
+        raise UserError(f"judge {spec.name!r}: args {spec.args}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

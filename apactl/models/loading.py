@@ -43,7 +43,7 @@ def load_tokenizer(ref_resolved: str, cfg: ModelConfig | None = None, padding_si
     from transformers import AutoTokenizer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(ref_resolved, **_hub_kwargs(ref_resolved, cfg))
+    tokenizer = _from_pretrained(AutoTokenizer, ref_resolved, cfg)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise ModelError(f"{ref_resolved}: tokenizer has neither a pad nor an eos token")
@@ -110,13 +110,47 @@ def _prepare(model, cfg: ModelConfig | None, trainable: bool, freeze_n: int, tas
     return model.train()
 
 
-def _from_pretrained(auto_cls, ref: str, cfg: ModelConfig | None, **kwargs):
-    """``auto_cls.from_pretrained`` with one-line errors for missing or unreadable models."""
+def _first_line(exc: BaseException) -> str:
+    return next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
+
+
+def _cached(ref: str, revision: str | None) -> bool:
+    """True when the hub id's config is in the local Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
     try:
-        return auto_cls.from_pretrained(ref, **kwargs, **_hub_kwargs(ref, cfg))
-    except OSError as exc:  # not found on the hub / offline / unreadable files
-        first = next((ln for ln in str(exc).splitlines() if ln.strip()), type(exc).__name__)
-        raise ModelError(f"{ref}: cannot load the model: {first}") from None
+        found = try_to_load_from_cache(ref, "config.json", revision=revision)
+    except Exception:  # noqa: BLE001 - an id the cache cannot even name: not cached
+        return False
+    return isinstance(found, str)
+
+
+def _check_hub(ref: str, revision: str | None) -> None:
+    """One quick question to the hub for an id that is not cached locally, so that a typo or
+    an offline machine is one line at once, not a minute of download retries."""
+    from huggingface_hub import model_info
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        model_info(ref, revision=revision, timeout=10)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        raise ModelError(f"{ref}: no such local folder, and no such model on the Hugging Face "
+                         "hub (a typo? a private model needs `huggingface-cli login`)") from None
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, timeout
+        raise ModelError(f"{ref}: not a local folder, not in the Hugging Face cache, and the hub "
+                         f"cannot be reached ({_first_line(exc)[:120]})") from None
+
+
+def _from_pretrained(auto_cls, ref: str, cfg: ModelConfig | None, **kwargs):
+    """``auto_cls.from_pretrained`` with one-line errors for missing or unreadable models; a hub
+    id that is not cached is checked with one quick request first."""
+    hub = _hub_kwargs(ref, cfg)
+    if not Path(ref).exists() and not _cached(ref, hub.get("revision")):
+        _check_hub(ref, hub.get("revision"))
+    try:
+        return auto_cls.from_pretrained(ref, **kwargs, **hub)
+    except OSError as exc:  # unreadable files, a download that broke off
+        raise ModelError(f"{ref}: cannot load: {_first_line(exc)}") from None
 
 
 def load_causal_lm(cfg: ModelConfig, device: torch.device | str, dtype: torch.dtype,

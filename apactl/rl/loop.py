@@ -70,6 +70,7 @@ class RLRun:
     progress: bool = True
     resume_from: Path | None = None
     hooks: Hooks = field(default_factory=Hooks)
+    begin: Callable[[], None] = lambda: None  # the run starts for real (Runtime.begin)
 
 
 @dataclass
@@ -138,6 +139,7 @@ def run_rl(run: RLRun) -> dict[str, float]:
     """Run (or resume) the iterations; returns the last iteration's metrics."""
     dist, plan = run.opt.dist, run.plan
     start, stats = _start(run)
+    run.begin()
     logger = MetricsLogger(run.out, run.tensorboard, enabled=dist.is_main,
                            resume_step=start if run.resume_from is not None else None)
     progress = Progress(plan.iterations, run.name, run.progress and dist.is_main, start=start)

@@ -58,11 +58,14 @@ class RolloutPlan:
 
     spec: SamplingSpec
     chunk_size: int | None  # prompts per generate() call; None: one chunk per rank
-    forward_batch: int  # rows per scoring forward
+    forward_batch: int | None  # rows per scoring forward; None: by ``forward_tokens``
     seed: int
     pad_id: int
     backend: str = "auto"
     autocast: Callable[[], Any] = lambda: torch.autocast("cpu", enabled=False)
+    # Tokens (rows x padded length) per scoring forward when forward_batch is None: on a GPU one
+    # large forward uses the device far better than many small ones.
+    forward_tokens: int = 16384
 
 
 def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
@@ -106,7 +109,7 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
         resp, mask = sample(sampler, q_ids, q_mask, plan.spec, actors.eos, plan.pad_id,
                             plan.backend)
     seq = build_sequences(q_ids, q_mask, resp, mask, plan.pad_id)
-    fb = plan.forward_batch
+    fb = plan.forward_batch or max(1, plan.forward_tokens // seq.input_ids.shape[1])
     if actors.forwards.pending_check:
         with timer("verify"), plan.autocast():
             actors.forwards.check(seq.rows(slice(0, fb)), resp[:fb], plan.spec)

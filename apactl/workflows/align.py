@@ -17,7 +17,7 @@ from apactl.rl.update import UpdatePlan
 from apactl.runtime import Runtime, setup_run
 from apactl.sampling import SamplingSpec
 from apactl.training import Optimization, Schedule, make_trainee
-from apactl.workflows.common import data_summary
+from apactl.workflows.common import check_positions, data_summary
 
 
 def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
@@ -101,10 +101,10 @@ def tokenized_prompts(recipe: AlignRecipe, tok) -> tuple[list[dict], list[dict]]
 
     d = recipe.data
     train_ex, eval_ex, report = load_examples(d, "prompt")
-    args = (d.max_prompt_len, d.on_bad_row, report.source)
-    train, s1 = tokenize_prompts(tok, fit_prompts(tok, train_ex, d), *args)
-    held, s2 = tokenize_prompts(tok, fit_prompts(tok, eval_ex, d), *args)
-    console.print(data_summary(report, s1 + s2, len(train), len(held), "prompts"))
+    args = (d.max_prompt_len, d.on_bad_row, report.source, report)
+    train, _ = tokenize_prompts(tok, fit_prompts(tok, train_ex, d), *args)
+    held, _ = tokenize_prompts(tok, fit_prompts(tok, eval_ex, d), *args)
+    console.print(data_summary(report, len(train), len(held), "prompts"))
     if len(train) == 0:
         raise UserError(f"data.source: no usable prompts in {report.source}")
     return train, held
@@ -115,8 +115,11 @@ def plans(recipe: AlignRecipe, rt: Runtime, pad_id: int
     """The recipe's sections as the three plans the loop runs with."""
     tr, gen, ws = recipe.train, recipe.generation, rt.dist.world_size
     spec = SamplingSpec.from_config(gen)
-    rollout = RolloutPlan(spec, gen.batch_size, tr.forward_batch(ws), recipe.run.seed, pad_id,
-                          gen.backend, rt.precision.autocast)
+    # CPU: rows per scoring forward as the update's micro-batch (memory-light); a GPU: a token
+    # budget per forward (RolloutPlan.forward_tokens) unless train.forward_batch_size is set.
+    rows = tr.forward_batch_size or (None if rt.device.type == "cuda" else tr.forward_batch(ws))
+    rollout = RolloutPlan(spec, gen.batch_size, rows, recipe.run.seed, pad_id, gen.backend,
+                          rt.precision.autocast)
     upd = UpdatePlan(recipe.algo, spec, tr.minibatch_size, tr.grad_accum, tr.epochs_per_rollout,
                      recipe.critic.clip, recipe.run.seed, pad_id, rt.precision.autocast)
     loop = LoopPlan(tr.iterations, tr.rollout_batch_size, tr.eval_every, tr.save_every,
@@ -129,13 +132,16 @@ def run_align(recipe: AlignRecipe, resume: bool = False, overwrite: bool = False
               hooks: Hooks | None = None) -> dict[str, Any]:
     with setup_run(recipe, resume, overwrite) as rt:
         actors = build_actors(recipe, rt)
+        check_positions(actors.policy, recipe.data.max_prompt_len
+                        + recipe.generation.max_new_tokens,
+                        "data.max_prompt_len + generation.max_new_tokens")
         prompts, held_out = tokenized_prompts(recipe, actors.tokenizer)
         rollout, upd, loop = plans(recipe, rt, actors.tokenizer.pad_token_id)
         run = RLRun(actors, make_optimization(actors, recipe, rt), make_kl(recipe), prompts,
                     held_out, rollout, upd, loop, rt.output_dir, recipe.model_dump(mode="json"),
                     name=f"align/{recipe.algo.name}", tensorboard=recipe.logging.tensorboard,
                     progress=recipe.logging.progress, resume_from=rt.resume_from,
-                    hooks=hooks or Hooks())
+                    hooks=hooks or Hooks(), begin=rt.begin)
         last = run_rl(run)
     console.print(f"[green]align/{recipe.algo.name} done[/]: {rt.output_dir / 'final' / 'policy'}")
     return last

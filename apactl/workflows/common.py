@@ -5,12 +5,19 @@ from __future__ import annotations
 from typing import Any
 
 
-def data_summary(report: Any, extra_skipped: int, n_train: int, n_eval: int,
-                 what: str = "examples") -> str:
-    """``data: SOURCE: N train / M eval examples (K bad rows skipped: ...)``."""
-    skipped = report.n_skipped + extra_skipped
+def data_summary(report: Any, n_train: int, n_eval: int, what: str = "examples") -> str:
+    """``data: SOURCE: N train / M held-out examples; 3 bad rows skipped: row 4 (...), ...``
+    (``report``: the ``DataReport`` that loading and tokenising filled)."""
     msg = f"data: {report.source}: {n_train} train / {n_eval} held-out {what}"
-    if skipped:
-        first = "; ".join(getattr(report, "skipped", [])[:3])
-        msg += f" ({skipped} bad rows skipped" + (f"; first: {first}" if first else "") + ")"
-    return msg
+    return msg + (f"; {report.skipped_summary()}" if report.n_skipped else "")
+
+
+def check_positions(model, total: int, what: str) -> None:
+    """Refuse sequences longer than the model's positions (a 3000-token decode on a
+    1024-position model would run for minutes, then produce garbage)."""
+    from apactl.errors import UserError
+    from apactl.models import unwrap
+
+    limit = getattr(unwrap(model).config, "max_position_embeddings", None)
+    if isinstance(limit, int) and total > limit:
+        raise UserError(f"{what} = {total} tokens, more than the model's {limit} positions")

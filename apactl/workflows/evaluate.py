@@ -29,6 +29,7 @@ from apactl.eval_report import finite, print_table, render_markdown
 from apactl.metrics import console, read_metrics
 from apactl.runtime import Runtime, setup_run
 from apactl.sampling import SamplingSpec, Stream, seeded_chunks
+from apactl.workflows.common import check_positions
 from apactl.workflows.eval_entries import (
     Entry,
     expand_policy,
@@ -63,11 +64,10 @@ def eval_prompts(recipe: EvalRecipe, tok) -> tuple[list[dict], str]:
     train, held, report = load_examples(d, "prompt")
     held_out = d.eval_split is not None or d.eval_fraction > 0 or d.eval_rows > 0
     chosen = held if held_out else train
-    items, skipped = tokenize_prompts(tok, fit_prompts(tok, chosen, d), d.max_prompt_len,
-                                      d.on_bad_row, report.source)
-    skipped += report.n_skipped
+    items, _ = tokenize_prompts(tok, fit_prompts(tok, chosen, d), d.max_prompt_len,
+                                d.on_bad_row, report.source, report)
     console.print(f"data: {report.source}: {len(items)} {'held-out ' if held_out else ''}"
-                  f"prompts" + (f" ({skipped} bad rows skipped)" if skipped else ""))
+                  "prompts" + (f"; {report.skipped_summary()}" if report.n_skipped else ""))
     if not items:
         raise UserError(f"data.source: no usable eval prompts in {report.source}")
     return items, report.source
@@ -228,11 +228,15 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         base = resolve_baseline(recipe, entries)
         judges = build_judges(recipe, rt)
         base_model, base_tok = load_entry(base, rt.device, rt.precision.frozen_dtype)
+        check_positions(base_model, recipe.data.max_prompt_len
+                        + recipe.generation.max_new_tokens,
+                        "data.max_prompt_len + generation.max_new_tokens")
         prompts, source = eval_prompts(recipe, base_tok)
         policies, samples = _measure_all(recipe, rt, entries, base, (base_model, base_tok),
                                          prompts, judges)
         report = {"settings": _settings(recipe, base, len(prompts), source),
                   "policies": policies, "files": ["report.json", "report.md", "samples.jsonl"]}
+        rt.begin()
         if rt.is_main:  # every rank has the report; rank 0 writes it
             report = _write(report, recipe, entries, rt.output_dir, samples)
     return finite(report)

@@ -16,6 +16,7 @@ from apactl.config import LabelRecipe
 from apactl.metrics import Progress, console
 from apactl.runtime import setup_run
 from apactl.sampling import SamplingSpec, Stream, seeded_chunks
+from apactl.workflows.common import check_positions
 
 PREFERENCES = "preferences.jsonl"
 CHOSEN = "chosen.jsonl"
@@ -64,15 +65,20 @@ def run_label(recipe: LabelRecipe) -> dict[str, float]:
         policy, tok = load_policy(recipe.policy, rt.device, rt.precision.frozen_dtype,
                                   trainable=False)
         judge = build_judge(recipe.judge, device=rt.device, dtype=rt.precision.frozen_dtype)
+        check_positions(policy, recipe.data.max_prompt_len + recipe.generation.max_new_tokens,
+                        "data.max_prompt_len + generation.max_new_tokens")
         train, _, report = load_examples(recipe.data, "prompt")
         d = recipe.data
         items, _ = tokenize_prompts(tok, fit_prompts(tok, train, d), d.max_prompt_len,
-                                    d.on_bad_row, report.source)
+                                    d.on_bad_row, report.source, report)
+        if report.n_skipped:
+            console.print(f"data: {report.skipped_summary()}")
         items = items[: recipe.label.max_prompts]
         labelled = _label_all(policy, tok, judge, items, recipe, eos_ids(policy, tok), rt)
         pairs, chosen, gaps = _pairs(labelled, recipe)
         stats = {"label/prompts": len(items), "label/pairs": len(pairs),
                  "label/mean_gap": sum(gaps) / max(len(gaps), 1)}
+        rt.begin()
         if rt.is_main:
             out = rt.output_dir
             write_file(out / PREFERENCES, _jsonl(pairs))
@@ -95,8 +101,9 @@ def _pairs(labelled, recipe: LabelRecipe) -> tuple[list[dict], list[dict], list[
         candidates = ([(order[0], order[-1])] if recipe.label.pairs == "best-worst" else
                       [(a, b) for i, a in enumerate(order) for b in order[i + 1:]])
         for a, b in candidates:
+            # Equal replies (after stripping) are no preference: the rm data layer refuses them.
             if scores[a] - scores[b] > recipe.label.min_margin and texts[a].strip() \
-                    and texts[b].strip():
+                    and texts[b].strip() and texts[a].strip() != texts[b].strip():
                 pairs.append({"prompt": prompt, "chosen": texts[a], "rejected": texts[b],
                               "chosen_score": scores[a], "rejected_score": scores[b]})
     return pairs, chosen, gaps

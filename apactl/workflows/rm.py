@@ -22,7 +22,7 @@ from apactl.metrics import console
 from apactl.models import load_sequence_classifier, resolve_model_ref, save_model, sequence_scores
 from apactl.runtime import setup_run
 from apactl.supervised import Setup, SupervisedTask, run_supervised
-from apactl.workflows.common import data_summary
+from apactl.workflows.common import check_positions, data_summary
 from apactl.workflows.sft import to_device
 
 
@@ -88,17 +88,17 @@ def run_rm(recipe: RMRecipe, resume: bool = False, overwrite: bool = False,
                                               cfg=recipe.model,
                                               freeze_bottom_layers=tr.freeze_bottom_layers)
         p.store_frozen(model)
-        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
-        train_items, skip_t = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
-        eval_items, skip_e = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
-        console.print(data_summary(report, skip_t + skip_e, len(train_items), len(eval_items),
-                                   "pairs"))
+        check_positions(model, d.max_len, "data.max_len")
+        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source, report)
+        train_items, _ = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
+        eval_items, _ = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
+        console.print(data_summary(report, len(train_items), len(eval_items), "pairs"))
         collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
                                           rt.device)
         task = _task(recipe, model, tok, train_items, eval_items, collate, rt.dist)
         final = run_supervised(task, Setup(recipe.run, tr, recipe.logging, p,
                                            recipe.model_dump(mode="json"), rt.resume_from,
-                                           hooks or Hooks()))
+                                           hooks or Hooks(), rt.begin))
     console.print(f"[green]rm done[/]: {Path(recipe.run.output_dir) / 'final'}  "
                   + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
     return final

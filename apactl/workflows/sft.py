@@ -16,7 +16,7 @@ from apactl.metrics import console
 from apactl.models import load_policy, save_model
 from apactl.runtime import setup_run
 from apactl.supervised import Setup, SupervisedTask, run_supervised
-from apactl.workflows.common import data_summary
+from apactl.workflows.common import check_positions, data_summary
 
 
 def sft_loss(model, batch) -> tuple[torch.Tensor, dict, int]:
@@ -67,10 +67,11 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False,
         model, tok = load_policy(recipe.model, rt.device, p.master_dtype,
                                  freeze_bottom_layers=recipe.train.freeze_bottom_layers)
         p.store_frozen(model)
-        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source)
-        train_items, skip_t = tokenize_sft(tok, fit_prompts(tok, train_ex, d), *args)
-        eval_items, skip_e = tokenize_sft(tok, fit_prompts(tok, eval_ex, d), *args)
-        console.print(data_summary(report, skip_t + skip_e, len(train_items), len(eval_items)))
+        check_positions(model, d.max_len, "data.max_len")
+        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source, report)
+        train_items, _ = tokenize_sft(tok, fit_prompts(tok, train_ex, d), *args)
+        eval_items, _ = tokenize_sft(tok, fit_prompts(tok, eval_ex, d), *args)
+        console.print(data_summary(report, len(train_items), len(eval_items)))
         if d.packing:
             train_items = pack_sft(train_items, d.max_len)
         collate = lambda items: to_device(collate_sft(items, tok.pad_token_id), rt.device)  # noqa: E731
@@ -84,7 +85,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False,
         )
         final = run_supervised(task, Setup(recipe.run, recipe.train, recipe.logging, p,
                                            recipe.model_dump(mode="json"), rt.resume_from,
-                                           hooks or Hooks()))
+                                           hooks or Hooks(), rt.begin))
     console.print(f"[green]sft done[/]: {Path(recipe.run.output_dir) / 'final'}  "
                   + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
     return final

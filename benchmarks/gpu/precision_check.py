@@ -77,7 +77,8 @@ def align_run(args, mode: str, out: Path) -> dict:
     from apactl.workflows.align import run_align
 
     overrides = [
-        f"policy.name_or_path={args.policy}", f"reward.path={args.reward}", "reward.name=reward-model",
+        f"policy.name_or_path={args.policy}", f"reward.path={args.reward}",
+        "reward.name=reward-model",
         f"run.output_dir={out}", f"train.iterations={args.iterations}",
         f"train.rollout_batch_size={args.episodes}", f"train.minibatch_size={args.minibatch}",
         f"generation.max_new_tokens={args.new_tokens}", f"train.lr={args.lr}",

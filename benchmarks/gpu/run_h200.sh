@@ -21,16 +21,19 @@ left() { echo $(( DEADLINE_S - ($(date +%s) - T0) )); }
 step() {
   local name=$1 budget=$2; shift 2
   local l; l=$(left); (( budget > l )) && budget=$l
-  if (( budget < 15 )); then echo "== $name: skipped (${l}s left)"; return; fi
-  echo "== $name: up to ${budget}s (t=$(( $(date +%s) - T0 ))s)"
-  timeout -s INT -k 10 "$budget" "$@"; echo "== $name: exit $? (t=$(( $(date +%s) - T0 ))s)"
+  if (( budget < 15 )); then echo "== $name: skipped (${l}s left)" >&2; return; fi
+  echo "== $name: up to ${budget}s (t=$(( $(date +%s) - T0 ))s)" >&2
+  timeout -s INT -k 10 "$budget" "$@"; echo "== $name: exit $? (t=$(( $(date +%s) - T0 ))s)" >&2
 }
 
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl-trl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site-trl .whl-trl/*.whl
+# Rehearsal here: SKIP_WHEELS=1 (this venv has them), TRL_PYTHON / TRL_SITE: a TRL venv.
+TRL_PYTHON=${TRL_PYTHON:-python3}; TRL_SITE=${TRL_SITE:-/tmp/site-trl}
+if [ "${SKIP_WHEELS:-0}" != 1 ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+  [ -d .whl-trl ] && python3 -m pip install -q --no-index --no-deps --no-compile --target \
+    "$TRL_SITE" .whl-trl/*.whl
 fi
+export PYTHONPATH=/tmp/site:$PWD:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ "${SMALL:-0}" = 1 ]; then
   BIG=135m; EP=4; TOK=8; MB=2; IT=1; DEC="--batch 4 --prompt-len 16 --new-tokens 8"; LIM="--matmul-n 256 --copy-mib 16 --reps 2"
 else
@@ -44,7 +47,7 @@ python3 .gpu/make_models.py $M 135m $([ $BIG != 135m ] && echo $BIG) || exit 1
 # 1. Decode step time: eager reference, static cache, CUDA graph (135m and the big model).
 for size in 135m $BIG; do
   step "decode $size" 75 python3 benchmarks/gpu/decode_bench.py --model $M/policy-$size $DEC \
-    --dtype bfloat16 >> "$OUT/decode.jsonl"
+    --dtype bfloat16 > "$OUT/decode-$size.json"
 done
 
 # 2. apactl PPO and APA at the big size: 1 warm-up (FLOP-counted) + $IT measured iterations.
@@ -58,7 +61,7 @@ for algo in ppo apa; do
 done
 
 # 3. TRL 0.24 PPOTrainer on the same models, prompts, shapes and precision (bf16 weights).
-step "trl ppo $BIG" 120 python3 benchmarks/gpu/trl_ppo_gpu.py --site /tmp/site-trl \
+step "trl ppo $BIG" 120 env PYTHONPATH= "$TRL_PYTHON" benchmarks/gpu/trl_ppo_gpu.py --site "$TRL_SITE" \
   --policy $M/policy-$BIG --reward $M/reward-$BIG --prompts benchmarks/gpu/prompts-apactl-ppo64.jsonl \
   --episodes $EP --new-tokens $TOK --minibatch $MB --warmup 1 --iterations $IT --lr 1e-6 \
   --dtype bfloat16 --deadline-s 105 > "$OUT/trl-ppo-$BIG.json"
