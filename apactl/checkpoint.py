@@ -53,7 +53,7 @@ def prune(root: Path, keep: int, protect: Path | None = None) -> None:
     """Keep ``keep`` checkpoints: ``protect`` (the one just written) and the newest others;
     the one just written is never deleted, even when older runs left higher step numbers."""
     others = [p for p in _complete(root) if p != protect]
-    n_others = keep - 1 if protect is not None else keep
+    n_others = max(keep - 1, 0) if protect is not None else keep
     for p in others[:max(len(others) - n_others, 0)]:
         shutil.rmtree(p, ignore_errors=True)
 

@@ -150,7 +150,9 @@ class TrainConfig(Section):
     eval_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
     save_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
     log_every: PositiveInt = 1
-    keep_checkpoints: PositiveInt = 2
+    # Checkpoints kept while the run goes on; 0: only the newest, and none once final/ is
+    # written (a finished run can then not be extended with --resume; saves disk).
+    keep_checkpoints: NonNegInt = 2
     freeze_bottom_layers: NonNegInt = 0
     eval_batch_size: PositiveInt | None = None
     # Batch examples of similar length (within windows of 50 batches): less padding, same data.
@@ -284,6 +286,9 @@ class JudgeSpec(Section):
     path: str | None = None  # reward-model folder
     args: dict[str, Any] = Field(default_factory=dict)  # keyword arguments of the judge
     label: str | None = None  # column name in reports; default: name
+    # What the judge is to the policies compared: "proxy" (the reward the RL optimised), "gold"
+    # (the labeller the proxy learned from: trusted, but not independent), "held-out" (neither).
+    role: Literal["proxy", "gold", "held-out"] | None = None
     # Reward models: use the mean/std saved by `apactl rm` (other judges ignore it).
     normalize: bool = False
     batch_size: PositiveInt = 16  # texts per reward-model forward
@@ -393,7 +398,9 @@ class AlignTrainConfig(Section):
     freeze_bottom_layers: NonNegInt = 0
     eval_every: NonNegInt = 0
     save_every: NonNegInt = 0
-    keep_checkpoints: PositiveInt = 2
+    # Checkpoints kept while the run goes on; 0: only the newest, and none once final/ is
+    # written (a finished run can then not be extended with --resume; saves disk).
+    keep_checkpoints: NonNegInt = 2
     # Rows per scoring forward. None: the update micro-batch (minibatch/accum) on CPU, a budget
     # of 16384 tokens per forward on a GPU.
     forward_batch_size: PositiveInt | None = None
@@ -453,6 +460,10 @@ class AlignRecipe(RecipeBase):
     gae: GAEConfig = Field(default_factory=GAEConfig)
     algo: AlgoConfig = Field(default_factory=APAConfig)
     train: AlignTrainConfig = Field(default_factory=AlignTrainConfig)
+    # Judges that score the held-out prompts every train.eval_every iterations and are never
+    # trained on: the gold or held-out judges of an over-optimisation study
+    # (metrics eval/<label>_mean beside the proxy's eval/score_mean).
+    eval_judges: list[JudgeSpec] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _critic_source(self) -> AlignRecipe:

@@ -37,8 +37,62 @@ def _judge_cells(p: dict[str, Any], key: str) -> tuple[str, str]:
     return mean, f"{w['win_rate']:.0%} [{w['ci_lo']:.0%}, {w['ci_hi']:.0%}] ({w['tie_rate']:.0%})"
 
 
+def _diff_cell(p: dict[str, Any], key: str) -> str:
+    """Paired difference to the baseline; "~0" marks an interval that includes zero (the data
+    cannot tell the two apart)."""
+    d = p["judges"][key].get("diff_vs_baseline")
+    if p["is_baseline"] or d is None:
+        return "—"
+    cell = f"{_num(d['mean'], '+.3g')} [{_num(d['ci_lo'], '+.3g')}, {_num(d['ci_hi'], '+.3g')}]"
+    return cell + (" ~0" if d["includes_zero"] else "")
+
+
 def _kl_cell(p: dict[str, Any], k: str) -> str:
     return f"{_num(p['kl'][f'{k}_mean'])} ± {_num(p['kl'][f'{k}_se'], '.2g')}"
+
+
+ROLES = {"proxy": "proxy: the reward the policies were trained on",
+         "gold": "gold: the labeller the proxy learned from",
+         "held-out": "held-out: neither trained on nor labelled with"}
+
+
+def _judge_role(j: dict[str, Any]) -> str:
+    key = j.get("label") or j["name"]
+    return f"{key} ({ROLES[j['role']]})" if j.get("role") else key
+
+
+def _cells3(p: dict[str, Any], key: str) -> tuple[str, str, str]:
+    mean, win = _judge_cells(p, key)
+    return mean, _diff_cell(p, key), win
+
+
+def _interval(x: dict[str, float], fmt: str = ".3g") -> str:
+    if x["ci_lo"] is None or not math.isfinite(x["ci_lo"]):
+        return _num(x["mean"], fmt)
+    return f"{_num(x['mean'], fmt)} [{_num(x['ci_lo'], fmt)}, {_num(x['ci_hi'], fmt)}]"
+
+
+def config_lines(report: dict[str, Any]) -> list[str]:
+    """report.md's "across seeds" table: one row per configuration with >= 2 seeds."""
+    configs = [c for c in report.get("configurations", []) if c["n_seeds"] > 1]
+    if not configs:
+        return []
+    keys = report["settings"]["judges"]
+    ci = f"{round(report['settings']['confidence'] * 100)}% CI over seeds"
+    headers = ["configuration", "seeds"] + [f"{k} mean [{ci}]" for k in keys] + [
+        f"{k} diff vs baseline" for k in keys] + ["KL k1", "KL k3", "entropy", "tokens",
+                                                  "distinct-2"]
+    rows = [[c["config"], ", ".join(str(s) for s in c["seeds"])]
+            + [_interval(c["judges"][k]) for k in keys]
+            + [_interval(c["diff_vs_baseline"][k], "+.3g") for k in keys]
+            + [_interval(c[k]) for k in ("kl_k1", "kl_k3", "entropy", "length_mean",
+                                         "distinct_2")] for c in configs]
+    return ["## Across seeds", "",
+            "Mean over the seeds of each run's figure, with a Student-t interval (n - 1 degrees "
+            "of freedom): what another seed would likely give. The per-prompt intervals above "
+            "say how precisely one run was measured.", "",
+            "| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
@@ -47,11 +101,12 @@ def table_rows(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     ci = f"{round(report['settings']['confidence'] * 100)}% CI"
     headers = ["policy"]
     for k in keys:
-        headers += [f"{k} mean [{ci}]", f"{k} win vs baseline [{ci}] (ties)"]
+        headers += [f"{k} mean [{ci}]", f"{k} diff vs baseline [{ci}]",
+                    f"{k} win vs baseline [{ci}] (ties)"]
     headers += ["KL k1 ± se", "KL k3 ± se", "entropy", "tokens", "distinct-1", "distinct-2"]
     rows = []
     for p in report["policies"]:
-        row = [_label(p)] + [c for k in keys for c in _judge_cells(p, k)]
+        row = [_label(p)] + [c for k in keys for c in _cells3(p, k)]
         row += [_kl_cell(p, "k1"), _kl_cell(p, "k3"), _num(p["entropy"]),
                 _num(p["length_mean"], ".1f"), _num(p["distinct_1"], ".3f"),
                 _num(p["distinct_2"], ".3f")]
@@ -67,6 +122,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"- prompts: {s['n_prompts']} from `{s['data']}`, {s['samples_per_prompt']} sample(s) "
         f"each; every policy uses sampling seed {s['seed']}",
         f"- baseline and KL reference: **{s['baseline']}** (`{s['baseline_ref']}`)",
+        "- judges: " + ", ".join(_judge_role(j) for j in s.get("judge_specs", [])),
         f"- sampling: temperature {g['temperature']}, top_k {g['top_k']}, top_p {g['top_p']}, "
         f"max_new_tokens {g['max_new_tokens']}",
         f"- intervals: percentile bootstrap over prompts ({s['bootstrap']} resamples); win rate "
@@ -76,8 +132,12 @@ def render_markdown(report: dict[str, Any]) -> str:
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---" for _ in headers) + "|",
         *("| " + " | ".join(r) + " |" for r in rows), "",
+        "\"~0\" marks a difference whose interval includes zero: at this sample size the data "
+        "cannot tell that policy from the baseline on that judge.", "",
+        *config_lines(report),
     ]
-    plots = [f for f in ("frontier.png", "training_curves.png") if f in report["files"]]
+    plots = [f for f in ("frontier.png", "frontier_configs.png", "training_curves.png")
+             if f in report["files"]]
     if plots:
         lines += ["Plots: " + ", ".join(f"[{f}]({f})" for f in plots), ""]
     return "\n".join(lines)

@@ -73,6 +73,17 @@ def win_rate(scores_a, scores_b, tie_eps: float = 1e-9, n_boot: int = 1000, seed
             "ci_lo": lo, "ci_hi": hi}
 
 
+def paired_diff_ci(scores_a, scores_b, n_boot: int = 1000, seed: int = 0,
+                   alpha: float = 0.05) -> tuple[float, float, float]:
+    """(mean, lo, hi) of A - B on the same (prompt, sample index) pairs [P] or [P, S], the
+    interval by bootstrapping prompts: far narrower than two marginal intervals when A and B
+    answer the same prompts (their scores share the prompt's difficulty)."""
+    a, b = _rows(scores_a), _rows(scores_b)
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores need equal shapes, got {a.shape} and {b.shape}")
+    return bootstrap_mean_ci(a - b, n_boot, seed, alpha)
+
+
 def mean_se(values) -> tuple[float, float]:
     """(mean, standard error) of a 1-D sample; the SE is nan for fewer than 2 values."""
     x = np.asarray(values, dtype=np.float64).ravel()

@@ -89,6 +89,51 @@ def frontier_plot(policies: list[dict[str, Any]], judges: list[str], path: str |
     return Path(path)
 
 
+def _config_points(policies: list[dict[str, Any]], config: str, judge: str):
+    """[(step, mean KL, mean score, min score, max score)] over the seeds of ``config``."""
+    by_step: dict[int, list[dict[str, Any]]] = {}
+    for p in policies:
+        if p.get("config") == config and p["step"] is not None:
+            by_step.setdefault(p["step"], []).append(p)
+    out = []
+    for step in sorted(by_step):
+        ys = [p["judges"][judge]["mean"] for p in by_step[step]]
+        xs = [p["kl"]["k1_mean"] for p in by_step[step]]
+        out.append((step, sum(xs) / len(xs), sum(ys) / len(ys), min(ys), max(ys)))
+    return out
+
+
+def frontier_configs_plot(policies: list[dict[str, Any]], judges: list[str],
+                          path: str | Path) -> Path:
+    """``frontier_configs.png``: per judge, one curve per configuration (runs that differ only
+    in their seed): the mean over seeds of score against KL at each checkpoint, the band the
+    seeds' scores span; the baseline as a star at its own KL (0)."""
+    from matplotlib import colormaps
+
+    configs = list(dict.fromkeys(p["config"] for p in policies if p.get("config")))
+    base = next(p for p in policies if p["is_baseline"])
+    fig, axes = _figure(len(judges), min(len(judges), 2), size=(6.0, 4.5))
+    for ax, judge in zip(axes, judges):
+        ax.plot([base["kl"]["k1_mean"]], [base["judges"][judge]["mean"]], "*", ms=14,
+                color="black", label=f"{base['name']} (baseline)")
+        for i, config in enumerate(configs):
+            pts = _config_points(policies, config, judge)
+            if not pts:
+                continue
+            color = colormaps["tab10"](i % 10)
+            _, x, y, lo, hi = zip(*pts)
+            ax.fill_between(x, lo, hi, color=color, alpha=0.15, lw=0)
+            ax.plot(x, y, "o-", color=color, ms=4, label=config)
+        ax.set_xlabel("KL(policy || baseline), k1 nats per response")
+        ax.set_ylabel(f"{judge} mean score (band: range over seeds)")
+        ax.set_title(f"{judge}: score vs KL per configuration")
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", fontsize=7,
+               ncols=min(len(configs) + 1, 3))
+    fig.savefig(path)
+    return Path(path)
+
+
 def training_curves_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path | None:
     """``training_curves.png``: reward, KL, entropy and length per iteration of each run.
 

@@ -178,7 +178,8 @@ def _loop(task, s: Setup, opt: Optimization, logger, progress, start: int,
         logger.log(n_steps, final)
     _save(task, s, opt, out, n_steps)
     weights = _weights(task)  # a collective under FSDP: every rank, before rank 0 writes
-    save_final(out, lambda folder, _final: _write_final(task, folder, weights), task.dist)
+    save_final(out, lambda folder, _final: _write_final(task, folder, weights), task.dist,
+               s.train.keep_checkpoints)
     return final
 
 

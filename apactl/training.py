@@ -242,12 +242,15 @@ def save(out: Path, step: int, write: ModelWriter, opt: Optimization, state: dic
     opt.dist.barrier()
 
 
-def save_final(out: Path, write: ModelWriter, dist: Dist) -> None:
-    """The user-facing models in ``<out>/final`` (plain Hugging Face folders), atomically."""
+def save_final(out: Path, write: ModelWriter, dist: Dist, keep: int = 1) -> None:
+    """The user-facing models in ``<out>/final`` (plain Hugging Face folders), atomically;
+    ``keep == 0``: then drop the checkpoints (the run is done and will not be resumed)."""
     from apactl.atomic import write_folder
 
     if dist.is_main:
         write_folder(out / "final", lambda folder: write(folder, True))
+        if keep == 0:
+            ckpt.prune(out / ckpt.CKPT_DIR, 0)
     dist.barrier()
 
 

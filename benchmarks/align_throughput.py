@@ -85,6 +85,12 @@ def resolve_recipe(recipe_path: str | Path, sets: list[str], algo: str | None, i
 COUNTED = ("score", "reward", "update")
 
 
+class Done(Exception):
+    """Raised from the last iteration's ``on_step_end``: the benchmark needs the metrics, not
+    the final checkpoint and weights (at 1.7B with fp32 masters and AdamW state that is ~55 GB
+    of writes, minutes on a slow disk)."""
+
+
 class Recorder:
     """Observes one ``run_align`` through ``apactl.hooks.Hooks`` (the loop's public seam): keeps
     the models, counts the real prompt, response and reward-model tokens of every training
@@ -92,8 +98,9 @@ class Recorder:
     (``torch.utils.flop_counter.FlopCounterMode``) in the first warm-up iteration only (the
     counting slows the phase it watches)."""
 
-    def __init__(self, warmup: int, sampler: bl.RssSampler, recipe):
+    def __init__(self, warmup: int, sampler: bl.RssSampler, recipe, stop_early: bool = False):
         self.warmup, self.sampler, self.recipe = warmup, sampler, recipe
+        self.stop_early = stop_early
         self.actors = None
         self.rollouts: list[dict[str, Any]] = []
         self.starts: list[float] = []
@@ -106,7 +113,12 @@ class Recorder:
 
         return Hooks(phase=self.phase, on_start=self.on_start,
                      on_rollout_start=self.on_rollout_start, on_rollout=self.on_rollout,
-                     on_save=self.on_save)
+                     on_save=self.on_save, on_step_end=self.on_step_end)
+
+    def on_step_end(self, step: int, metrics: dict[str, float]) -> None:
+        if self.stop_early and step == self.recipe.train.iterations:
+            self.save_start = time.perf_counter()
+            raise Done
 
     def on_start(self, pieces: dict[str, Any]) -> None:
         self.actors = pieces["actors"]
@@ -172,7 +184,8 @@ def model_params(actors) -> dict[str, dict[str, int]]:
     return out
 
 
-def run_benchmark(recipe, warmup: int, limits_cfg: dict[str, int]) -> dict[str, Any]:
+def run_benchmark(recipe, warmup: int, limits_cfg: dict[str, int],
+                  no_save: bool = False) -> dict[str, Any]:
     import torch
 
     import apactl.workflows.align as wf
@@ -180,9 +193,12 @@ def run_benchmark(recipe, warmup: int, limits_cfg: dict[str, int]) -> dict[str, 
 
     sampler = bl.RssSampler().start()
     sampler.mark("load")
-    rec = Recorder(warmup, sampler, recipe)
+    rec = Recorder(warmup, sampler, recipe, stop_early=no_save)
     t0 = time.perf_counter()
-    wf.run_align(recipe, overwrite=True, hooks=rec.hooks())  # a benchmark cache folder
+    try:
+        wf.run_align(recipe, overwrite=True, hooks=rec.hooks())  # a benchmark cache folder
+    except Done:
+        pass
     t_end = time.perf_counter()
     sampler.stop()
     memory = sampler.report()
@@ -424,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matmul-n", type=int, default=2048, help="matmul peak size (default 2048)")
     p.add_argument("--copy-mib", type=int, default=256, help="copy bandwidth size in MiB")
     p.add_argument("--reps", type=int, default=5, help="repetitions of each limit (best kept)")
+    p.add_argument("--no-save", action="store_true",
+                   help="stop after the last iteration's metrics: no final checkpoint/weights")
     p.add_argument("--smoke", action="store_true",
                    help="tiny random model, 1 thread, small limits: "
                         + " ".join(f"--set {s}" for s in SMOKE_SETS))
@@ -438,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                   {"matmul_n": args.matmul_n, "copy_mib": args.copy_mib, "reps": args.reps})
     recipe, _ = resolve_recipe(args.recipe, sets, args.algo, args.warmup + args.iterations,
                                threads, args.reward, args.tag)
-    res = run_benchmark(recipe, args.warmup, limits_cfg)
+    res = run_benchmark(recipe, args.warmup, limits_cfg, no_save=args.no_save)
     res["config"]["overrides"] = sets
     print_report(res)
     if args.json_out:

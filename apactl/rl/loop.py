@@ -69,6 +69,7 @@ class RLRun:
     tensorboard: bool = True
     progress: bool = True
     resume_from: Path | None = None
+    eval_judges: dict[str, Any] = field(default_factory=dict)  # held-out only, never trained on
     hooks: Hooks = field(default_factory=Hooks)
     begin: Callable[[], None] = lambda: None  # the run starts for real (Runtime.begin)
 
@@ -159,7 +160,8 @@ def run_rl(run: RLRun) -> dict[str, float]:
             if plan.save_every and (it + 1) % plan.save_every == 0 and it + 1 < plan.iterations:
                 _save(run, it + 1, stats)
         _save(run, plan.iterations, stats)
-        save_final(run.out, lambda folder, final: _write_models(run, folder, final), dist)
+        save_final(run.out, lambda folder, final: _write_models(run, folder, final), dist,
+                   plan.keep_checkpoints)
     finally:
         progress.close()
         logger.close()
@@ -223,17 +225,23 @@ def _metrics(ro_stats, adv_stats, upd_stats, times, n_episodes, n_tokens,
 
 
 def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
-    """Judge score and KL on (up to 64) held-out prompts with the run's sampling settings."""
+    """Judge score and KL on (up to 64) held-out prompts with the run's sampling settings, and
+    the scores of the evaluation-only judges (``eval/<label>_mean``)."""
     batch, step = run.held_out[:64], run.plan.rollout_batch_size
     timer = Timer(run.hooks.wrap)
-    scores, k1 = [], []
+    scores, k1, extra = [], [], {k: [] for k in run.eval_judges}
     for i in range(0, len(batch), step):
-        ro, _, _ = collect_rollout(run.actors, batch[i:i + step], run.rollout, timer,
-                                   Stream.ALIGN_EVAL, (it, i), run.opt.dist)
+        part = batch[i:i + step]
+        ro, texts, _ = collect_rollout(run.actors, part, run.rollout, timer, Stream.ALIGN_EVAL,
+                                       (it, i), run.opt.dist)
         scores.append(ro.scores.cpu())
         k1.append(kl_estimates(ro.old_logprobs, ro.ref_logprobs, ro.response_mask)["k1"].cpu())
-    return {"eval/score_mean": torch.cat(scores).mean().item(),
-            "eval/kl_k1": torch.cat(k1).mean().item()}
+        for key, judge in run.eval_judges.items():
+            extra[key] += judge.score([p["messages"] for p in part], texts)
+    out = {"eval/score_mean": torch.cat(scores).mean().item(),
+           "eval/kl_k1": torch.cat(k1).mean().item()}
+    out.update({f"eval/{k}_mean": sum(v) / len(v) for k, v in extra.items() if v})
+    return out
 
 
 def _write_models(run: RLRun, folder: Path, final: bool) -> None:

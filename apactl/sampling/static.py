@@ -283,6 +283,9 @@ def _try_capture(st: _State, step: Callable[[], None], n_warm: int,
     """Set ``st.graph``, or record the failure in ``st.failed`` (no retry for this shape)."""
     global CAPTURE_COUNT
     try:
+        # The graph gets its own memory pool, which cannot reuse blocks the caching allocator
+        # holds for the ordinary pool: hand those back first (once per captured shape).
+        torch.cuda.empty_cache()
         st.graph = capture_graph(step, n_warm, device)
         CAPTURE_COUNT += 1
     except Exception as e:  # any capture failure means: run eagerly

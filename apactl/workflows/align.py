@@ -74,6 +74,13 @@ def _sampler(policy, rt: Runtime):
     return copy_.eval()
 
 
+def _eval_judges(recipe: AlignRecipe, rt: Runtime) -> dict[str, Any]:
+    from apactl.judges import build_judge
+
+    return {j.key: build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype)
+            for j in recipe.eval_judges}
+
+
 def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optimization:
     tr = recipe.train
     steps = tr.derived()["total_optimizer_steps"]
@@ -141,7 +148,8 @@ def run_align(recipe: AlignRecipe, resume: bool = False, overwrite: bool = False
                     held_out, rollout, upd, loop, rt.output_dir, recipe.model_dump(mode="json"),
                     name=f"align/{recipe.algo.name}", tensorboard=recipe.logging.tensorboard,
                     progress=recipe.logging.progress, resume_from=rt.resume_from,
-                    hooks=hooks or Hooks(), begin=rt.begin)
+                    hooks=hooks or Hooks(), begin=rt.begin,
+                    eval_judges=_eval_judges(recipe, rt))
         last = run_rl(run)
     console.print(f"[green]align/{recipe.algo.name} done[/]: {rt.output_dir / 'final' / 'policy'}")
     return last

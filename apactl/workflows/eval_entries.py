@@ -30,6 +30,8 @@ class Entry:
     init: str | None = None  # the run's initial policy: policy.name_or_path of its recipe.yaml
     is_baseline: bool = False
     ref: str | None = None  # the reference as the recipe wrote it (before resolution)
+    config: str | None = None  # runs differing only in run.seed share it (set by group_configs)
+    seed: int | None = None
 
 
 def first_line(exc: BaseException) -> str:
@@ -50,14 +52,27 @@ def _resolve(ref: str, field: str) -> str:
         raise ModelError(f"{field}: {first_line(exc)}") from None
 
 
+def sweep_runs(path: Path) -> list[Path]:
+    """The run folders of a sweep folder (``apactl sweep``: sweep.json, one folder per run), or
+    [] when ``path`` is not one."""
+    if not path.is_dir() or (path / "recipe.yaml").is_file():
+        return []
+    return sorted(p for p in path.iterdir() if (p / "recipe.yaml").is_file())
+
+
 def expand_policy(spec: PolicySpec, i: int) -> list[Entry]:
     """A PolicySpec -> its entries: the checkpoints (when asked, in step order), then the model
-    itself. A run's last checkpoint is skipped when final/policy holds the same weights."""
+    itself. A run's last checkpoint is skipped when final/policy holds the same weights. A sweep
+    folder gives every run in it, named ``<name>/<run folder>``."""
     field = f"policies.{i}.path"
     path = Path(spec.path).expanduser()
     # Checked here rather than by `recipe validate`: see EvalRecipe's _path_fields comment.
     if looks_local(spec.path) and not path.exists():
         raise UserError(f"{field}: not found: {spec.path}")
+    runs = sweep_runs(path)
+    if runs:
+        return [e for run in runs for e in expand_policy(
+            spec.model_copy(update={"name": f"{spec.name}/{run.name}", "path": str(run)}), i)]
     run = path if path.is_dir() and (path / "recipe.yaml").is_file() else None
     meta = _run_meta(run)
     ckpts = list_checkpoints(run) if spec.checkpoints and run is not None else []
@@ -121,3 +136,37 @@ def load_entry(e: Entry, device, dtype):
         return load_policy(ModelConfig(name_or_path=e.path), device, dtype, trainable=False)
     except (OSError, ValueError, ModelError) as exc:
         raise ModelError(f"{e.field}: cannot load {e.path}: {first_line(exc)}") from None
+
+
+# Keys that do not make two runs different configurations (the seed, where they write, how they
+# log): runs equal in everything else are seeds of one configuration.
+NOT_CONFIG = ("run.seed", "run.output_dir", "run.name", "logging.", "run.num_threads",
+              "run.dist_timeout_s", "run.device", "train.save_every", "train.keep_checkpoints",
+              "train.log_every", "train.eval_every", "train.grad_accum",
+              "train.forward_batch_size")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix.rstrip("."): d}
+
+
+def group_configs(entries: list[Entry]) -> None:
+    """Set ``config`` (and ``seed``) of every entry that is an apactl run: runs whose resolved
+    recipes differ only in ``NOT_CONFIG`` keys share a configuration, labelled by the keys in
+    which the configurations differ (``algo.name=apa train.lr=0.0001``)."""
+    metas = {e.run: _flat(_run_meta(e.run)) for e in entries if e.run is not None}
+    sigs = {run: tuple(sorted((k, repr(v)) for k, v in m.items() if not k.startswith(NOT_CONFIG)))
+            for run, m in metas.items()}
+    varying = sorted({k for s in set(sigs.values()) for k, _ in s
+                      if len({dict(t).get(k) for t in set(sigs.values())}) > 1})
+    for e in entries:
+        if e.run is None:
+            continue
+        m = metas[e.run]
+        label = " ".join(f"{k}={m.get(k)}" for k in varying) or e.group.split("/")[0]
+        e.config, e.seed = label, m.get("run.seed")

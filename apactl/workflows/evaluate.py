@@ -34,6 +34,7 @@ from apactl.workflows.eval_entries import (
     Entry,
     expand_policy,
     first_line,
+    group_configs,
     load_entry,
     resolve_baseline,
     same_model,
@@ -166,17 +167,51 @@ def summarize(e: Entry, m: Measured, scores: dict[str, np.ndarray],
     judges = {}
     for key, s in scores.items():
         mean, lo, hi = st.bootstrap_mean_ci(s.reshape(shape), ev.bootstrap, seed, alpha)
-        wr = st.win_rate(s.reshape(shape), base_scores[key].reshape(shape), n_boot=ev.bootstrap,
-                         seed=seed, alpha=alpha)
-        judges[key] = {"mean": mean, "ci_lo": lo, "ci_hi": hi, "win_vs_baseline": wr}
+        base = base_scores[key].reshape(shape)
+        wr = st.win_rate(s.reshape(shape), base, n_boot=ev.bootstrap, seed=seed, alpha=alpha)
+        d, d_lo, d_hi = st.paired_diff_ci(s.reshape(shape), base, ev.bootstrap, seed, alpha)
+        judges[key] = {"mean": mean, "ci_lo": lo, "ci_hi": hi, "win_vs_baseline": wr,
+                       "diff_vs_baseline": {"mean": d, "ci_lo": d_lo, "ci_hi": d_hi,
+                                            "includes_zero": d_lo <= 0 <= d_hi}}
     return {
         "name": e.name, "group": e.group, "step": e.step, "path": e.path,
+        "config": e.config, "seed": e.seed,
         "run": str(e.run) if e.run else None, "is_baseline": e.is_baseline,
         "init_is_baseline": init_is_baseline, "n_samples": len(m.texts), "kl": m.kl,
         "entropy": m.entropy, "length_mean": float(m.lengths.mean()), "eos_rate": m.eos_rate,
         "distinct_1": st.distinct_n(m.texts, 1), "distinct_2": st.distinct_n(m.texts, 2),
         "judges": judges,
     }
+
+
+def configurations(policies: list[dict[str, Any]], recipe: EvalRecipe) -> list[dict[str, Any]]:
+    """Per configuration (runs that differ only in their seed), the mean over seeds of each
+    final policy's figures with a Student-t interval across seeds (n - 1 degrees of freedom):
+    the spread a new seed would show, which the per-prompt bootstrap of one run cannot."""
+    finals: dict[str, list[dict[str, Any]]] = {}
+    for p in policies:
+        if p.get("config") and "@" not in p["name"]:
+            finals.setdefault(p["config"], []).append(p)
+    conf = recipe.eval.confidence
+
+    def across(values: list[float]) -> dict[str, float]:
+        mean, lo, hi = st.seed_interval(values, conf)
+        return {"mean": mean, "ci_lo": lo, "ci_hi": hi}
+
+    out = []
+    for label, runs in finals.items():
+        judges = {k: across([r["judges"][k]["mean"] for r in runs]) for k in runs[0]["judges"]}
+        diffs = {k: across([r["judges"][k]["diff_vs_baseline"]["mean"] for r in runs])
+                 for k in runs[0]["judges"]}
+        out.append({"config": label, "runs": [r["name"] for r in runs],
+                    "seeds": [r["seed"] for r in runs], "n_seeds": len(runs),
+                    "judges": judges, "diff_vs_baseline": diffs,
+                    "kl_k1": across([r["kl"]["k1_mean"] for r in runs]),
+                    "kl_k3": across([r["kl"]["k3_mean"] for r in runs]),
+                    "entropy": across([r["entropy"] for r in runs]),
+                    "length_mean": across([r["length_mean"] for r in runs]),
+                    "distinct_2": across([r["distinct_2"] for r in runs])})
+    return out
 
 
 def sample_rows(e: Entry, prompts: list[dict], m: Measured, scores: dict[str, np.ndarray],
@@ -212,10 +247,13 @@ def _policy_model(e: Entry, base: Entry, base_model, base_tok, rt: Runtime):
 
 
 def _write_plots(report: dict[str, Any], entries: list[Entry], out: Path) -> list[str]:
-    from apactl.plots import frontier_plot, training_curves_plot
+    from apactl.plots import frontier_configs_plot, frontier_plot, training_curves_plot
 
     files = [frontier_plot(report["policies"], report["settings"]["judges"],
                            out / "frontier.png").name]
+    if any(c["n_seeds"] > 1 for c in report.get("configurations", [])):
+        files.append(frontier_configs_plot(report["policies"], report["settings"]["judges"],
+                                           out / "frontier_configs.png").name)
     runs = {e.group: read_metrics(e.run) for e in entries if e.run is not None}
     curves = training_curves_plot(runs, out / "training_curves.png")
     return files + ([curves.name] if curves else [])
@@ -225,6 +263,7 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
     """Evaluate every policy against the baseline; write the reports; return report.json."""
     with setup_run(recipe, trains=False) as rt:
         entries = [e for i, spec in enumerate(recipe.policies) for e in expand_policy(spec, i)]
+        group_configs(entries)
         base = resolve_baseline(recipe, entries)
         judges = build_judges(recipe, rt)
         base_model, base_tok = load_entry(base, rt.device, rt.precision.frozen_dtype)
@@ -235,7 +274,8 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         policies, samples = _measure_all(recipe, rt, entries, base, (base_model, base_tok),
                                          prompts, judges)
         report = {"settings": _settings(recipe, base, len(prompts), source),
-                  "policies": policies, "files": ["report.json", "report.md", "samples.jsonl"]}
+                  "policies": policies, "configurations": configurations(policies, recipe),
+                  "files": ["report.json", "report.md", "samples.jsonl"]}
         rt.begin()
         if rt.is_main:  # every rank has the report; rank 0 writes it
             report = _write(report, recipe, entries, rt.output_dir, samples)

@@ -56,8 +56,8 @@ def stage_overrides(root: Path, model: str) -> dict[str, list[str]]:
         "align-apa": [f"policy.name_or_path={sft}", f"reward.path={rm}"],
         "eval": [f"policies=[{{name: apa, path: '{apa}', checkpoints: false}}]",
                  f"baseline.path={sft}",
-                 f"judges=[{{name: reward-model, label: learned-rm, path: '{rm}', "
-                 "normalize: true}, {name: sentiment}]"],
+                 f"judges=[{{name: reward-model, label: learned-rm, role: proxy, path: '{rm}', "
+                 "normalize: true}, {name: sentiment, role: gold}]"],
     }
 
 

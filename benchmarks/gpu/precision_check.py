@@ -112,11 +112,12 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/precision-runs")
     ap.add_argument("--json", required=True)
     ap.add_argument("--modes", default="mixed_bf16,fp32,pure_bf16")
+    ap.add_argument("--skip-one-step", action="store_true", help="only the align runs")
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res: dict = {"device": device, "lr": args.lr, "one_step": [], "align": [], "errors": []}
     modes = args.modes.split(",")
-    for mode in modes:
+    for mode in [] if args.skip_one_step else modes:
         try:
             res["one_step"].append(one_step(args.policy, args.lr, mode, device))
         except Exception:  # noqa: BLE001 - report and go on: one failure must not cost the rest

@@ -16,6 +16,8 @@ T0=$(date +%s)
 LOG="$OUT/log.txt"
 exec > >(tee -a "$LOG") 2>&1
 left() { echo $(( DEADLINE_S - ($(date +%s) - T0) )); }
+STEPS=${STEPS:-"decode apactl trl precision gputests suite"}  # which parts to run
+want() { [[ " $STEPS " == *" $1 "* ]]; }
 # step NAME BUDGET_S CMD...: run CMD with min(BUDGET, time left) seconds; SIGINT first (pytest and
 # the benchmarks write what they have), SIGKILL 10 s later.
 step() {
@@ -46,8 +48,8 @@ python3 .gpu/make_models.py $M 135m $([ $BIG != 135m ] && echo $BIG) || exit 1
 
 # 1. Decode step time: eager reference, static cache, CUDA graph (135m and the big model).
 for size in 135m $BIG; do
-  step "decode $size" 60 python3 benchmarks/gpu/decode_bench.py --model $M/policy-$size $DEC \
-    --dtype bfloat16 > "$OUT/decode-$size.json"
+  want decode && step "decode $size" 50 python3 benchmarks/gpu/decode_bench.py \
+    --model $M/policy-$size $DEC --dtype bfloat16 --reps 2 --out "$OUT/decode-$size.json"
 done
 
 # 2. apactl PPO and APA at the big size: 1 warm-up (FLOP-counted) + $IT measured iterations.
@@ -56,22 +58,27 @@ COMMON=(--reward $M/reward-$BIG --set policy.name_or_path=$M/policy-$BIG --set r
         --set train.minibatch_size=$MB --set generation.max_new_tokens=$TOK --set train.lr=1e-6
         --warmup 1 --iterations $IT --threads 8 $LIM)
 for algo in ppo apa; do
-  step "apactl $algo $BIG" 100 python3 benchmarks/align_throughput.py --algo $algo "${COMMON[@]}" \
-    --tag gpu-$algo --json "$OUT/apactl-$algo-$BIG.json"
+  want apactl && step "apactl $algo $BIG" 75 python3 benchmarks/align_throughput.py --algo $algo \
+    "${COMMON[@]}" --no-save --tag gpu-$algo --json "$OUT/apactl-$algo-$BIG.json"
 done
 
 # 3. TRL 0.24 PPOTrainer on the same models, prompts, shapes and precision (bf16 weights).
-step "trl ppo $BIG" 100 env PYTHONPATH= "$TRL_PYTHON" benchmarks/gpu/trl_ppo_gpu.py --site "$TRL_SITE" \
+want trl && step "trl ppo $BIG" 100 env PYTHONPATH= "$TRL_PYTHON" benchmarks/gpu/trl_ppo_gpu.py --site "$TRL_SITE" \
   --policy $M/policy-$BIG --reward $M/reward-$BIG --prompts benchmarks/gpu/prompts-apactl-ppo64.jsonl \
   --episodes $EP --new-tokens $TOK --minibatch $MB --warmup 1 --iterations $IT --lr 1e-6 \
   --dtype bfloat16 --deadline-s 90 > "$OUT/trl-ppo-$BIG.json"
 
 # 4. Learning at lr 1e-6: one optimizer step and 4 APA iterations per precision (135m).
-step "precision" 100 python3 benchmarks/gpu/precision_check.py --policy $M/policy-135m \
+want precision && step "precision" 100 python3 benchmarks/gpu/precision_check.py --policy $M/policy-135m \
   --reward $M/reward-135m --episodes $EP --new-tokens $TOK --minibatch $MB \
   --iterations $([ "${SMALL:-0}" = 1 ] && echo 1 || echo 4) --json "$OUT/precision.json"
 
 # 5. The gpu-marked tests, then the whole suite with whatever time is left.
-step "pytest -m gpu" 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
-step "pytest (all)" 600 python3 -m pytest -q -p no:cacheprovider -rf tests
+want gputests && step "pytest -m gpu" 60 python3 -m pytest -q -p no:cacheprovider -m gpu -rs tests
+want suite && step "pytest (all)" 600 python3 -m pytest -q -p no:cacheprovider -rf tests
+# 6. A longer KL trajectory, mixed bf16 vs fp32 (bf16 compute resolves a master-weight change
+#    only once it passes bf16's spacing: the trajectories meet later than 4 iterations).
+want kl && step "kl trajectory" 150 python3 benchmarks/gpu/precision_check.py --policy $M/policy-135m \
+  --reward $M/reward-135m --episodes $EP --new-tokens $TOK --minibatch $MB --modes mixed_bf16,fp32 \
+  --iterations ${KL_ITERS:-12} --skip-one-step --json "$OUT/kl-trajectory.json"
 echo "== done at t=$(( $(date +%s) - T0 ))s"
