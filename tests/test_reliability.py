@@ -224,3 +224,41 @@ def test_stale_temporary_folders_are_cleaned(tmp_path):
 def test_cli_module_is_importable_without_torch():
     code = "import sys, apactl.cli; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------ kill tests
+@pytest.mark.parametrize("kind", ["sft", "rm"])
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, kind):
+    """A real SIGKILL once a checkpoint exists; --resume ends with the uninterrupted run's
+    metrics and weights (the align version is in test_align_e2e.py)."""
+    from safetensors.torch import load_file
+
+    from apactl.metrics import read_metrics
+
+    def cmd(out):
+        return [sys.executable, "-m", "apactl", kind, str(TINY / f"{kind}.yaml"),
+                f"run.output_dir={out}", "train.max_steps=12", "train.save_every=1",
+                "data.max_rows=40", "data.eval_rows=8", *QUIET]
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    subprocess.run(cmd(tmp_path / "a"), env=env, check=True, capture_output=True, timeout=300)
+    out = tmp_path / "b"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "checkpoints/step-00000003").exists():
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    res = subprocess.run(cmd(out) + ["--resume"], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = read_metrics(tmp_path / "a"), read_metrics(out)
+    assert [r["step"] for r in b] == [r["step"] for r in a]  # every step logged once
+    key = "train/loss"
+    for ra, rb in zip(a, b):
+        if key in ra:
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-6), ra["step"]
+    wa = load_file(tmp_path / "a/final/model.safetensors")
+    wb = load_file(out / "final/model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -1,0 +1,118 @@
+"""A fuzz of bad recipes and overrides over every command: each must exit 2 with one line per
+problem naming the field, no traceback, and nothing written (the output folder never appears).
+
+(The data-file fuzz is tests/test_data_fuzz.py; runtime faults are in tests/test_reliability.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+from helpers import TINY, cli
+
+KINDS = ("sft", "rm", "align", "eval", "label")
+
+# (override, text the error line must contain): wrong for every kind.
+COMMON = [
+    ("nope=1", "nope: unknown key"),
+    ("run.nope=1", "run.nope: unknown key"),
+    ("runn.seed=1", "runn: unknown key; did you mean run?"),
+    ("run.seed=abc", "run.seed"),
+    ("run.device=tpu", "run.device"),
+    ("run.dtype=int8", "run.dtype"),
+    ("run.mixed_precision=maybe", "run.mixed_precision"),
+    ("run.num_threads=0", "run.num_threads"),
+    ("run.dist_timeout_s=-5", "run.dist_timeout_s"),
+    ("logging.progress=sometimes", "logging.progress"),
+    ("logging.nope=1", "logging.nope: unknown key"),
+    ("data.source=[a", "override 'data.source=[a'"),
+    ("data.nope=1", "data.nope: unknown key"),
+    ("data.format=xml", "data.format"),
+    ("data.on_bad_row=ignore", "data.on_bad_row"),
+    ("data.source=./missing.jsonl", "data.source: file not found"),
+    ("data.source=builtin:nope", "data.source: unknown built-in dataset"),
+    ("data.eval_fraction=1.5", "data.eval_fraction"),
+    ("data.eval_rows=-3", "data.eval_rows"),
+    ("data.max_len=-1", "data.max_len"),
+    ("data.max_prompt_len=400", "max_prompt_len (400) must be < max_len"),
+    ("data.truncate_prompt=cut", "data.truncate_prompt"),
+    ("data.fields.nope=x", "data.fields.nope: unknown key"),
+    ("run.dtype=float32", None),  # a valid override: the case list's control (exit 0 check off)
+]
+TRAIN = [  # sft and rm
+    ("train.lr=-1", "train.lr"), ("train.batch_size=0", "train.batch_size"),
+    ("train.grad_accum=3", "must be divisible by grad_accum (3)"),
+    ("train.schedule=exp", "train.schedule"), ("train.epochs=0", "train.epochs"),
+    ("train.max_grad_norm=-1", "train.max_grad_norm"),
+    ("train.warmup_ratio=2", "train.warmup_ratio"), ("trian.lr=1", "did you mean train?"),
+    ("model.lora.r=0", "model.lora.r"), ("model.lora.dropout=2", "model.lora.dropout"),
+    ("model.name_or_path=./nope", "model.name_or_path: file not found"),
+    ("run.strategy=zero", "run.strategy"), ("kind=eval", "kind: this is a 'eval' recipe"),
+]
+SPECIFIC = {
+    "rm": [("loss.margin=abc", "loss.margin"), ("loss.nope=1", "loss.nope: unknown key")],
+    "sft": [("data.packing=perhaps", "data.packing")],
+    "align": [
+        ("algo.name=trpo", "algo.name: unknown algorithm"), ("algo.lam=-1", "algo.lam"),
+        ("algo.clip_eps=0.2", "algo.clip_eps: unknown key for this algorithm"),
+        ("kl.target=0", "kl.target"), ("gae.gamma=2", "gae.gamma"), ("gae.lam=-0.5", "gae.lam"),
+        ("generation.temperature=0", "generation.temperature"),
+        ("generation.top_k=5", "generation.top_k: align samples the full"),
+        ("generation.top_p=0.9", "generation.top_p: align samples the full"),
+        ("generation.backend=vllm", "generation.backend"),
+        ("generation.weight_major_matmul=true", "weight_major_matmul: removed"),
+        ("critic.init=reward", "critic.init: 'reward' needs a reward-model judge"),
+        ("critic.clip=-1", "critic.clip"), ("reward.name=nope", "unknown judge 'nope'"),
+        ("reward.judge=sentiment", "judge: renamed"),
+        ("reward.args={nope: 1}", "judge 'char-fraction': unknown args nope"),
+        ("train.minibatch_size=7", "must be divisible by minibatch_size (7)"),
+        ("train.iterations=0", "train.iterations"),
+        ("train.iterations=1e12", "train.iterations"),
+        ("eval_judges=[{name: nope}]", "eval_judges.0"),
+        ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
+        ("run.strategy=fsdp", "fsdp is implemented for sft only"),
+        ("kind=sft", "kind: this is a 'sft' recipe"),
+    ],
+    "eval": [
+        ("policies=[]", "policies"), ("judges=[]", "judges"),
+        ("eval.confidence=1.5", "eval.confidence"), ("eval.bootstrap=0", "eval.bootstrap"),
+        ("judges=[{name: nope}]", "judges.0"), ("judges=[{name: length, role: boss}]",
+                                                "judges.0.role"),
+        ("judges=[{name: length}, {name: length}]", "judge names must be unique"),
+        ("baseline.path=./nope", "baseline.path: file not found"),
+        ("policies=[{name: a@b, path: x}]", "cannot contain '@'"),
+        ("generation.top_p=0", "generation.top_p"),
+    ],
+    "label": [
+        ("label.samples=1", "label.samples"), ("label.pairs=some", "label.pairs"),
+        ("judge.name=nope", "judge"), ("judge.args={chars: 5, nope: 2}", "unknown args nope"),
+        ("label.min_margin=-1", "label.min_margin"),
+        ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
+    ],
+}
+
+
+def cases():
+    for kind in KINDS:
+        extra = TRAIN if kind in ("sft", "rm") else []
+        for override, expected in COMMON + extra + SPECIFIC.get(kind, []):
+            if expected is not None:
+                yield pytest.param(kind, override, expected, id=f"{kind}:{override}")
+
+
+CASES = list(cases())
+
+
+def test_the_fuzz_is_large():
+    assert len(CASES) >= 100, len(CASES)
+
+
+@pytest.mark.parametrize("kind, override, expected", CASES)
+def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, kind, override, expected):
+    out = tmp_path / "out"
+    res = cli(kind, TINY / f"{kind}.yaml", f"run.output_dir={out}", override)
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and all(ln.startswith("error: ") for ln in lines), lines
+    assert len(lines) == 1, lines
+    assert expected in lines[0], lines[0]
+    assert not out.exists()
