@@ -326,7 +326,9 @@ class RewardConfig(JudgeSpec):
 
 
 class CriticConfig(Section):
-    init: Literal["reward", "policy"] = "reward"
+    # "reward": the reward model's weights and head; "policy": the policy's backbone and a new
+    # head; or a path: a critic saved by an earlier run (<run>/final/critic), warm-started.
+    init: str = "reward"
     lr: PositiveFloat | None = None  # None: same as train.lr
     clip: PositiveFloat | None = None  # PPO-style value clipping range
     warmup_iterations: NonNegInt = 0  # iterations that train only the critic

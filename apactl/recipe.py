@@ -173,6 +173,8 @@ def path_fields(recipe: RecipeBase) -> list[tuple[str, str | None]]:
     if isinstance(recipe, AlignRecipe):
         if recipe.reward.path:
             out.append(("reward.path", recipe.reward.path))
+        if recipe.critic.init not in ("reward", "policy"):
+            out.append(("critic.init", recipe.critic.init))
     if isinstance(recipe, EvalRecipe):
         # Eval policies are usually run folders that other commands create first (apactl align),
         # so a shipped eval recipe must validate before they exist: `apactl eval` checks

@@ -153,3 +153,33 @@ def test_frozen_trunk_reuse_matches_plain_forwards(tmp_path, monkeypatch):
     wa = load_file(tmp_path / "true/final/policy/model.safetensors")
     wb = load_file(tmp_path / "false/final/policy/model.safetensors")
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+
+
+def test_critic_warm_started_from_a_saved_critic(tmp_path):
+    """critic.init: a path. The new run's critic starts with the saved critic's values (checked
+    by hand against the saved folder loaded with plain transformers)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from apactl.hooks import Hooks
+    from apactl.models import token_values
+    from apactl.workflows.align import run_align
+
+    run_align(recipe(tmp_path / "first", "train.iterations=2", "critic.init=policy"))
+    saved = tmp_path / "first" / "final" / "critic"
+    plain = AutoModelForSequenceClassification.from_pretrained(saved).eval()
+    ids = torch.tensor([[5, 9, 14, 22, 31, 40]])
+    mask = torch.ones_like(ids)
+    seen = {}
+
+    def on_start(pieces):
+        with torch.no_grad():
+            seen["values"] = token_values(pieces["critic"], ids, mask)
+
+    for init in (str(tmp_path / "first"), str(saved)):  # the run folder or its final/critic
+        run_align(recipe(tmp_path / f"second-{len(seen)}", "train.iterations=1",
+                         f"critic.init={init}"), hooks=Hooks(on_start=on_start))
+        with torch.no_grad():
+            expected = token_values(plain, ids, mask)
+        torch.testing.assert_close(seen["values"], expected)
+    assert not torch.allclose(expected, torch.zeros_like(expected))

@@ -58,7 +58,13 @@ def _critic_source(recipe: AlignRecipe, judge) -> str:
 
     if recipe.critic.init == "reward":
         return judge.path
-    return resolve_model_ref(recipe.policy.name_or_path, recipe.policy.cache_dir)
+    if recipe.critic.init == "policy":
+        return resolve_model_ref(recipe.policy.name_or_path, recipe.policy.cache_dir)
+    from pathlib import Path
+
+    run_critic = Path(recipe.critic.init) / "final" / "critic"
+    # A saved critic (an align run folder, or its final/critic folder): warm start.
+    return str(run_critic) if (run_critic / "config.json").is_file() else recipe.critic.init
 
 
 def _sampler(policy, rt: Runtime):
