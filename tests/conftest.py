@@ -11,7 +11,7 @@ from helpers import write_jsonl
 def _cache_dir(tmp_path_factory, monkeypatch):
     """Keep converted/tiny models out of the user's cache: the session shares one folder."""
     cache = tmp_path_factory.getbasetemp() / "model-cache"
-    import apactl.models.refs as refs
+    import apactl.models.common as refs
 
     monkeypatch.setattr(refs, "DEFAULT_CACHE_DIR", cache)
     yield

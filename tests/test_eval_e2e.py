@@ -33,7 +33,7 @@ def _restore_threads():
 @pytest.fixture(scope="module")
 def align_run(tmp_path_factory):
     """A tiny APA run: checkpoints at steps 1, 2 and 3 (= final), metrics for 3 iterations."""
-    import apactl.models.refs as models
+    import apactl.models.common as models
     from apactl.workflows.align import run_align
 
     out = tmp_path_factory.mktemp("align") / "run"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from apactl.atomic import write_folder
 from apactl.errors import ModelError
-from apactl.models.refs import cache_root
+from apactl.models.common import cache_root, quiet_transformers
 from apactl.models.saving import write_model
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,6 @@ def convert_gguf_with_info(gguf_path: str | Path, cache_dir: str | Path | None =
 
     ``notify(message)`` is told before a (slow) conversion starts.
     """
-    from apactl.models.loading import quiet_transformers
-
     quiet_transformers()
     start = time.perf_counter()
     src = Path(gguf_path).expanduser()

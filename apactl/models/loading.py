@@ -15,19 +15,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from apactl.errors import ModelError
+from apactl.models.common import quiet_transformers
 from apactl.models.heads import decoder_layers, unwrap
 from apactl.models.refs import resolve_model_ref
 
 if TYPE_CHECKING:
     from apactl.config import LoraConfig, ModelConfig
-
-
-def quiet_transformers() -> None:
-    """Silence transformers' progress bars and load reports (users see our own messages)."""
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def _hub_kwargs(ref: str, cfg: ModelConfig | None) -> dict[str, Any]:

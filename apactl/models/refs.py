@@ -11,6 +11,7 @@ import torch
 
 from apactl.atomic import write_folder
 from apactl.errors import ModelError
+from apactl.models.common import cache_root
 from apactl.sources import looks_local
 
 
@@ -28,14 +29,7 @@ ALIASES: dict[str, GGUFAlias] = {
     ),
 }
 TINY_RANDOM = "tiny-random"
-# Converted GGUF models and the tiny random model are cached here unless a recipe says
-# model.cache_dir (tests point it at a temporary folder).
-DEFAULT_CACHE_DIR = Path.home() / ".cache" / "apactl" / "models"
 MODEL_FILES = ("config.json", "adapter_config.json")
-
-
-def cache_root(cache_dir: str | Path | None) -> Path:
-    return Path(cache_dir).expanduser() if cache_dir else DEFAULT_CACHE_DIR
 
 
 def alias_gguf(alias: GGUFAlias) -> Path:

@@ -1,27 +1,37 @@
 """The study's analysis (docs/study.md): choose learning rates, write the eval recipe, and build
-the report (table, verdicts, plots) from the runs' metrics and `apactl eval`'s report.json.
+the report (tables, plots, the numbers behind each verdict) from the runs' metrics.jsonl and
+`apactl eval`'s report.json.
 
     python docs/study/analyze.py best-lr apactl-runs/study/grid apa
     python docs/study/analyze.py eval-recipe apactl-runs/study > apactl-runs/study/eval.yaml
     python docs/study/analyze.py report apactl-runs/study docs/study
+
+The report writes docs/study/results.md, results.json and the PNGs; the verdicts in
+docs/study.md are written from them by hand.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
+ALGOS = ("apa", "ppo", "awr")
+# Held-out evaluation points inside each run (train.eval_every): proxy = the RM the run trained
+# on, gold = the sentiment judge that labelled the RM's data (never trained on).
+PROXY, GOLD, KL = "eval/score_mean", "eval/gold_mean", "eval/kl_k1"
+
 
 def runs(root: Path) -> list[dict]:
-    """Every run folder under ``root`` (sweep folders included) with its recipe and metrics."""
+    """Every run folder under ``root`` with its recipe and metrics."""
     import yaml
 
     out = []
     for recipe in sorted(root.rglob("recipe.yaml")):
         folder = recipe.parent
         metrics = folder / "metrics.jsonl"
-        if not metrics.exists():
+        if not metrics.exists() or folder.name in ("label", "sft", "rm", "eval"):
             continue
         rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
         out.append({"folder": folder, "recipe": yaml.safe_load(recipe.read_text()), "rows": rows,
@@ -34,9 +44,14 @@ def last(rows: list[dict], key: str) -> float | None:
     return vals[-1] if vals else None
 
 
+def config_of(run: dict) -> tuple[str, float, float]:
+    r = run["recipe"]
+    return r["algo"]["name"], r["train"]["lr"], r["algo"].get("lam", float("nan"))
+
+
 def best_lr(grid: Path, algo: str) -> float:
-    """The learning rate whose final held-out PROXY score (eval/score_mean) is highest."""
-    cands = [(last(r["rows"], "eval/score_mean"), r["recipe"]["train"]["lr"])
+    """The learning rate whose final held-out PROXY score is highest (never the gold judge)."""
+    cands = [(last(r["rows"], PROXY), r["recipe"]["train"]["lr"])
              for r in runs(grid) if r["recipe"]["algo"]["name"] == algo and r["finished"]]
     cands = [c for c in cands if c[0] is not None]
     if not cands:
@@ -44,10 +59,171 @@ def best_lr(grid: Path, algo: str) -> float:
     return max(cands)[1]
 
 
+def eval_recipe(root: Path) -> str:
+    """The eval recipe over the chosen configurations' final policies (3 seeds each) and the
+    lambda runs, against pi_init, with the proxy and the gold judge."""
+    policies = []
+    for algo in ALGOS:
+        lr = best_lr(root / "grid", algo)
+        seed0 = next(r["folder"] for r in runs(root / "grid")
+                     if config_of(r)[:2] == (algo, lr))
+        policies += [f"  - {{name: {algo}-s0, path: '{seed0}'}}",
+                     f"  - {{name: {algo}, path: '{root / f'seeds-{algo}'}'}}"]
+    policies += [f"  - {{name: apa-lam, path: '{root / 'lam-apa'}'}}",
+                 f"  - {{name: awr-lam, path: '{root / 'lam-awr'}'}}"]
+    return "\n".join([
+        "kind: eval", "run: {name: study-eval, output_dir: " + str(root / "eval") + ", seed: 1}",
+        "policies:", *policies,
+        f"baseline: {{name: sft, path: '{root / 'sft'}'}}",
+        "data: {source: 'builtin:prompts', eval_rows: 64, max_prompt_len: 96, max_len: 160, "
+        "system: ''}",
+        "judges:",
+        f"  - {{name: reward-model, label: proxy, role: proxy, path: '{root / 'rm'}', "
+        "normalize: true}",
+        "  - {name: sentiment, label: gold, role: gold}",
+        "generation: {max_new_tokens: 32, temperature: 0.7}",
+        "eval: {samples_per_prompt: 2, bootstrap: 2000, batch_size: 32}", ""])
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def curves(group: list[dict], key: str) -> tuple[list[int], list[float], list[float],
+                                                 list[float]]:
+    """(steps, mean, min, max) over the runs of ``group`` of metric ``key`` per step."""
+    steps = sorted({r["step"] for run in group for r in run["rows"] if r.get(key) is not None})
+    vals = [[next((r[key] for r in run["rows"] if r["step"] == s and r.get(key) is not None),
+                  None) for run in group] for s in steps]
+    return (steps, [mean(v) for v in vals], [min(x for x in v if x is not None) for v in vals],
+            [max(x for x in v if x is not None) for v in vals])
+
+
+def groups(root: Path) -> dict[str, list[dict]]:
+    """Configuration label -> its runs: the chosen (algo, lr) with all seeds, and the lambda
+    runs (seed 0)."""
+    chosen = {a: best_lr(root / "grid", a) for a in ALGOS}
+    out: dict[str, list[dict]] = {}
+    for run in runs(root):
+        algo, lr, lam = config_of(run)
+        default = {"apa": 0.1, "awr": 1.0}.get(algo)
+        if lr != chosen[algo]:
+            continue
+        label = algo if algo == "ppo" or lam == default else f"{algo} lam={lam:g}"
+        out.setdefault(label, []).append(run)
+    return out
+
+
+def plot_curves(gs: dict[str, list[dict]], path: Path) -> None:
+    """Training curves per configuration: mean over seeds, the band the seeds span."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [("reward/score_mean", "proxy reward (normalised RM score)"),
+              (GOLD, "gold reward on held-out prompts (VADER)"),
+              ("kl/ref_k1", "KL to pi_init (k1, nats per response)"),
+              ("policy/entropy", "entropy (nats per token)")]
+    fig = Figure(figsize=(11, 7.5), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(2, 2).ravel()
+    colors = dict(zip(gs, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"]))
+    for ax, (key, title) in zip(axes, panels):
+        for label, group in gs.items():
+            steps, m, lo, hi = curves(group, key)
+            if steps:
+                ax.fill_between(steps, lo, hi, color=colors[label], alpha=0.15, lw=0)
+                ax.plot(steps, m, "-o", ms=2.5, color=colors[label],
+                        label=f"{label} ({len(group)} seed{'s' if len(group) > 1 else ''})")
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(title.split(" (")[0])
+        ax.grid(alpha=0.3)
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncols=4,
+               fontsize=8)
+    fig.savefig(path)
+
+
+def plot_frontier(gs: dict[str, list[dict]], path: Path) -> None:
+    """Gold and proxy reward against KL at the held-out evaluation points (every 6
+    iterations), per configuration: mean over seeds, vertical bars spanning the seeds."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2)
+    for ax, (key, name) in zip(axes, ((GOLD, "gold (VADER)"), (PROXY, "proxy (RM)"))):
+        for i, (label, group) in enumerate(gs.items()):
+            _, kl, _, _ = curves(group, KL)
+            _, y, lo, hi = curves(group, key)
+            if not kl:
+                continue
+            ax.errorbar(kl, y, yerr=[[a - b for a, b in zip(y, lo)],
+                                     [b - a for a, b in zip(y, hi)]],
+                        fmt="-o", ms=3, capsize=2, color=f"C{i}", label=label)
+        ax.set_xlabel("KL to pi_init on held-out prompts (k1, nats per response)")
+        ax.set_ylabel(f"{name} reward")
+        ax.set_title(f"{name} reward vs KL (points: iterations 6, 12, 18, 24)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.savefig(path)
+
+
+def at_kl(group: list[dict], key: str, target: float) -> float:
+    """``key`` interpolated at KL ``target`` along the mean-over-seeds frontier (nan outside)."""
+    _, kl, _, _ = curves(group, KL)
+    _, y, _, _ = curves(group, key)
+    pts = sorted(zip(kl, y))
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= target <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (target - x0) / (x1 - x0)
+    return float("nan")
+
+
+def summary(gs: dict[str, list[dict]]) -> dict:
+    """The numbers behind the verdicts."""
+    out: dict = {"configs": {}}
+    for label, group in gs.items():
+        steps, gold, _, _ = curves(group, GOLD)
+        _, proxy, _, _ = curves(group, PROXY)
+        _, kl, _, _ = curves(group, KL)
+        out["configs"][label] = {
+            "seeds": [r["recipe"]["run"]["seed"] for r in group],
+            "lr": group[0]["recipe"]["train"]["lr"], "eval_steps": steps,
+            "gold": gold, "proxy": proxy, "kl": kl,
+            "train_kl_last5": mean([mean([r["kl/ref_k1"] for r in run["rows"][-5:]])
+                                    for run in group]),
+            "proxy_peak_step": steps[proxy.index(max(proxy))] if proxy else None}
+    main = [c for c in ("apa", "ppo", "awr") if c in out["configs"]]
+    if main:
+        common = min(max(out["configs"][c]["kl"]) for c in main)
+        out["matched_kl"] = {"kl": common, **{c: {"gold": at_kl(gs[c], GOLD, common),
+                                                  "proxy": at_kl(gs[c], PROXY, common)}
+                                              for c in main}}
+    return out
+
+
+def report(root: Path, docs: Path) -> None:
+    gs = groups(root)
+    plot_curves(gs, docs / "training_curves.png")
+    plot_frontier(gs, docs / "frontier.png")
+    res = summary(gs)
+    ev = root / "eval" / "report.json"
+    if ev.exists():
+        res["eval"] = json.loads(ev.read_text())["configurations"]
+    (docs / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    print(json.dumps(res, indent=1, default=str)[:4000])
+
+
 def main() -> None:
     cmd, *args = sys.argv[1:]
     if cmd == "best-lr":
         print(best_lr(Path(args[0]), args[1]))
+    elif cmd == "eval-recipe":
+        print(eval_recipe(Path(args[0])))
+    elif cmd == "report":
+        report(Path(args[0]), Path(args[1]))
     else:
         sys.exit(f"unknown command {cmd!r}")
 
