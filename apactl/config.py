@@ -214,7 +214,7 @@ class RecipeBase(Section):
     def _strategy(self) -> RecipeBase:
         if self.run.strategy == "fsdp":
             if not self.shardable:
-                raise ValueError(f"run.strategy: fsdp is implemented for sft only, not "
+                raise ValueError(f"run.strategy: fsdp is implemented for sft and rm, not "
                                  f"{self.kind}; use ddp")
             lora = getattr(getattr(self, "model", None), "lora", None)
             if lora is not None:
@@ -237,6 +237,7 @@ class RMLossConfig(Section):
 
 class RMRecipe(RecipeBase):
     kind: Literal["rm"] = "rm"
+    shardable: ClassVar[bool] = True
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)

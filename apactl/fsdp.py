@@ -1,4 +1,5 @@
-"""Fully sharded data parallel for ``apactl sft`` (``run.strategy: fsdp``, torch FSDP2).
+"""Fully sharded data parallel for ``apactl sft`` and ``apactl rm`` (``run.strategy: fsdp``,
+torch FSDP2).
 
 Each decoder layer and then the whole model go through ``fully_shard``: every rank keeps 1/N of
 the weights, gradients and AdamW state (ZeRO-3), gathers a layer's weights for its forward and
@@ -16,12 +17,21 @@ import torch
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Shard per decoder layer, then the rest. A sequence classifier (a reward model) is scored
+    through its backbone and its ``score`` head called one after the other
+    (``models.sequence_scores``), which skips the root module's forward: the backbone and the
+    head are units of their own, so each gathers its weights when it is called. A causal LM
+    keeps its embeddings in the root unit (the LM head is tied to them)."""
     from torch.distributed.fsdp import fully_shard
 
-    from apactl.models import decoder_layers
+    from apactl.models import backbone, decoder_layers, unwrap
 
     for layer in decoder_layers(model):
         fully_shard(layer)
+    head = getattr(unwrap(model), "score", None)
+    if head is not None:
+        fully_shard(backbone(model))
+        fully_shard(head)
     fully_shard(model)  # the rest: embeddings (tied to the LM head), final norm, head
     return model
 

@@ -8,6 +8,7 @@ nothing here imports torch, so ``apactl recipe validate`` is instant. The schema
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +57,9 @@ def format_errors(err: ValidationError, kind: str | None = None) -> list[str]:
             msg = f"unknown algorithm; expected one of: {', '.join(ALGO_NAMES)}"
         elif "input" in e and e["type"] != "missing" and not isinstance(e["input"], (dict, list)):
             msg += f", got {e['input']!r}"
-        problems.append(f"{path}: {msg}")
+        # A recipe-level check names its own keys ("run.strategy: ..."): no "<recipe>:" prefix.
+        named = path == "<recipe>" and re.match(r"^[a-z_]+(\.[a-z_0-9]+)*: ", msg)
+        problems.append(msg if named else f"{path}: {msg}")
     return problems
 
 

@@ -132,6 +132,42 @@ def test_rm_two_ranks_match_one(tmp_path, cache):
     assert s2 == pytest.approx(s1, rel=RTOL)
 
 
+def rm_args(out: Path, cache: Path, accum: int, *extra: str) -> list[str]:
+    return ["rm", str(ROOT / "recipes/tiny/rm.yaml"), f"run.output_dir={out}",
+            f"model.cache_dir={cache}", "data.max_rows=40", "data.eval_rows=8",
+            "train.batch_size=8", f"train.grad_accum={accum}", "train.max_steps=4",
+            "train.eval_every=2", "train.save_every=2", *QUIET, *extra]
+
+
+def cut_back(src: Path, dst: Path, step: int = 2) -> None:
+    """A copy of finished run ``src`` as it was at checkpoint ``step``."""
+    shutil.copytree(src, dst)
+    for ck in (dst / "checkpoints").glob("step-*"):
+        if int(ck.name.split("-")[1]) > step:
+            shutil.rmtree(ck)
+    shutil.rmtree(dst / "final")
+
+
+def test_fsdp_rm_matches_ddp_and_resumes_across_strategies(tmp_path, cache):
+    """run.strategy=fsdp for a reward model (backbone and score head are FSDP units of their
+    own, since scoring calls them one after the other): 2 FSDP ranks train like 1 ddp process;
+    an FSDP checkpoint resumes in 1 ddp process and a ddp checkpoint on 2 FSDP ranks."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    run_ok(1, *rm_args(one, cache, 2))
+    run_ok(2, *rm_args(fsdp, cache, 1, "run.strategy=fsdp"))
+    gaps = assert_same_run(one, fsdp, ["final", "checkpoints/step-00000004/model"])
+    assert "eval/accuracy" in gaps and "train/grad_norm" in gaps
+    cut_back(fsdp, tmp_path / "fsdp-to-ddp")
+    run_ok(1, *rm_args(tmp_path / "fsdp-to-ddp", cache, 2), "--resume")
+    assert_same_run(one, tmp_path / "fsdp-to-ddp", ["final"])
+    cut_back(one, tmp_path / "ddp-to-fsdp")
+    run_ok(2, *rm_args(tmp_path / "ddp-to-fsdp", cache, 1, "run.strategy=fsdp"), "--resume")
+    assert_same_run(one, tmp_path / "ddp-to-fsdp", ["final"])
+    stats = [json.loads((p / "final/reward_stats.json").read_text())
+             for p in (one, fsdp, tmp_path / "ddp-to-fsdp")]
+    assert stats[1] == pytest.approx(stats[0], rel=RTOL) == stats[2]
+
+
 # --------------------------------------------------------------------------------- align
 def align_args(out: Path, cache: Path, accum: int, *extra: str) -> list[str]:
     # Chunks of 4 prompts: the samples depend on (seed, iteration, chunk), not on the rank.
@@ -192,7 +228,7 @@ def test_fsdp_sft_matches_ddp_and_resumes_unsharded(tmp_path, cache):
 def test_fsdp_is_refused_where_it_is_not_implemented(tmp_path, cache):
     res = launch(1, *align_args(tmp_path / "run", cache, 1), "run.strategy=fsdp")
     assert res.returncode == 2
-    assert "run.strategy: fsdp is implemented for sft only, not align" in res.stderr
+    assert "run.strategy: fsdp is implemented for sft and rm, not align" in res.stderr
 
 
 def test_accelerate_configs_load():

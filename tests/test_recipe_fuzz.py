@@ -69,7 +69,7 @@ SPECIFIC = {
         ("train.iterations=1e12", "train.iterations"),
         ("eval_judges=[{name: nope}]", "eval_judges.0"),
         ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
-        ("run.strategy=fsdp", "fsdp is implemented for sft only"),
+        ("run.strategy=fsdp", "fsdp is implemented for sft and rm"),
         ("kind=sft", "kind: this is a 'sft' recipe"),
     ],
     "eval": [

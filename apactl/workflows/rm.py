@@ -96,6 +96,7 @@ def run_rm(recipe: RMRecipe, resume: bool = False, overwrite: bool = False,
         collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
                                           rt.device)
         task = _task(recipe, model, tok, train_items, eval_items, collate, rt.dist)
+        task.sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
         final = run_supervised(task, Setup(recipe.run, tr, recipe.logging, p,
                                            recipe.model_dump(mode="json"), rt.resume_from,
                                            hooks or Hooks(), rt.begin))
@@ -114,19 +115,25 @@ def _task(recipe: RMRecipe, model, tok, train_items, eval_items, collate,
     def evaluate(model) -> dict[str, float]:
         last_eval.clear()
         last_eval.update(rm_eval(model, eval_items, collate, ebs, recipe.loss.margin, dist))
+        if not eval_items:  # no held-out pairs: the score statistics come from training pairs,
+            # scored here, where every rank runs the same forwards (sharded models need that)
+            stats = reward_stats(model, stats_items, collate, ebs)
+            last_eval.update({"eval/reward_mean": stats["mean"], "eval/reward_std": stats["std"],
+                              "eval/pairs": stats["n"] / 2})
+            return {}
         return dict(last_eval)
 
-    def save(model, folder: Path, final: bool) -> None:
+    def save(model, folder: Path, final: bool, state_dict: dict | None = None) -> None:
         extra = {}
         if final:
             # The final evaluation just scored every held-out reply with these weights: reuse
-            # its statistics instead of a second pass (no eval split: score training pairs).
-            stats = ({"mean": last_eval["eval/reward_mean"],
-                      "std": max(last_eval["eval/reward_std"], 1e-6),
-                      "n": int(2 * last_eval["eval/pairs"])} if last_eval
-                     else reward_stats(model, stats_items, collate, ebs))
+            # its statistics instead of a second pass.
+            stats = {"mean": last_eval["eval/reward_mean"],
+                     "std": max(last_eval["eval/reward_std"], 1e-6),
+                     "n": int(2 * last_eval["eval/pairs"])}
             extra = {REWARD_STATS: json.dumps(stats, indent=2)}
-        save_model(model, tok, folder, merge_lora=final, extra_files=extra)
+        save_model(model, tok, folder, merge_lora=final, state_dict=state_dict,
+                   extra_files=extra)
 
     return SupervisedTask(model=model, train_items=train_items, collate=collate,
                           loss_fn=partial(bt_loss, margin=recipe.loss.margin),
