@@ -79,3 +79,40 @@ def test_eval_summary_too_wide_for_the_terminal_turns_vertical():
     print_table(_report(["rm", "sentiment", "length", "gold", "other"]), out=out)
     lines = out.export_text().splitlines()
     assert "apa" in lines and all(len(ln) <= 120 for ln in lines)
+
+
+def _rows(n: int, length: float, entropy: float) -> list[dict]:
+    # Nearly flat length and entropy: noise that an autoscaled axis would blow up.
+    return [{"step": i + 1, "reward/score_mean": 0.1 * i, "kl/ref_k1": 0.2 * i,
+             "policy/entropy": entropy + 0.001 * (i % 2), "response/length_mean":
+             length + 0.1 * (i % 3)} for i in range(n)]
+
+
+@pytest.mark.parametrize("normalized, reward_label", [
+    ({"apa", "ppo"}, "judge score (normalised by the RM's mean/std)"),
+    (set(), "judge score"),
+    ({"apa"}, "judge score (normalised by the RM's mean/std: apa)"),
+])
+def test_training_curves_label_units_and_share_one_legend(normalized, reward_label):
+    from apactl.plots import training_curves_figure
+
+    fig = training_curves_figure({"apa": _rows(14, 31.6, 1.25), "ppo": _rows(10, 30.0, 1.3)},
+                                 normalized)
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_ylabel().replace("\n", " ") for ax in axes] == [
+        reward_label, "nats per response", "nats per token", "tokens"]
+    assert all(ax.get_legend() is None for ax in axes)  # no legend per panel ...
+    assert len(fig.legends) == 1  # ... one for the figure, one entry per run
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["apa", "ppo"]
+    entropy, length = axes[2], axes[3]
+    lo, hi = length.get_ylim()
+    assert hi - lo >= 0.1 * 31 and lo <= 30.0 and hi >= 31.8  # the data inside a >= 10% span
+    lo, hi = entropy.get_ylim()
+    assert hi - lo >= 0.1
+
+
+def test_training_curves_figure_without_curves_is_none(tmp_path):
+    from apactl.plots import training_curves_plot
+
+    assert training_curves_plot({"x": [{"step": 1, "other": 1.0}]}, tmp_path / "c.png") is None
+    assert not (tmp_path / "c.png").exists()
