@@ -137,6 +137,9 @@ SFT = {"kind": "sft", "data": {"source": "builtin:sft"}, "model": {"name_or_path
         ({"data": {"source": "builtin:sft", "max_prompt_len": 600, "max_len": 512}},
          "data: max_prompt_len (600) must be < max_len (512)"),
         ({"run": {"device": "tpu"}}, "run.device: Input should be 'auto', 'cpu' or 'cuda'"),
+        ({"data": {"source": "builtin:sft", "max_rows": 32, "eval_rows": 312}},
+         "data: eval_rows (312) must be < max_rows (32): the held-out rows are the last "
+         "eval_rows of the max_rows read; pass a smaller data.eval_rows"),
         ({"kind": "rm"}, "kind: this is a 'rm' recipe, but the command runs 'sft'"),
     ],
 )
