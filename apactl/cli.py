@@ -114,6 +114,20 @@ def _load(path: str, overrides: list[str] | None, kind: str | None, check_files:
     return load_recipe(path, overrides or [], kind=kind, check_files=check_files)
 
 
+def _load_to_read(path: str, overrides: list[str] | None):
+    """A recipe for ``recipe validate|show``: the schema is checked, but inputs that earlier
+    stages make (run folders, label files) may not exist yet, so they are warnings."""
+    from apactl.recipe import builtin_problems, pending_inputs
+
+    r = _load(path, overrides, None, check_files=False)
+    problems = builtin_problems(r)
+    if problems:
+        raise RecipeError(problems)
+    for line in pending_inputs(r):
+        typer.echo(f"warning: {line}", err=True)
+    return r
+
+
 def version_callback(value: bool) -> None:
     if value:
         typer.echo(f"apactl {__version__}")
@@ -280,7 +294,7 @@ def recipe_validate(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_A
     Example: apactl recipe validate recipes/align/smollm2-135m-apa.yaml --world-size 4
     """
     def go():
-        r = _load(recipe, overrides, None)
+        r = _load_to_read(recipe, overrides)
         derived = getattr(getattr(r, "train", None), "derived", None)
         numbers = {}
         if callable(derived):
@@ -305,7 +319,7 @@ def recipe_show(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) 
     def go():
         from apactl.recipe import recipe_to_yaml
 
-        typer.echo(recipe_to_yaml(_load(recipe, overrides, None)), nl=False)
+        typer.echo(recipe_to_yaml(_load_to_read(recipe, overrides)), nl=False)
 
     guarded(go)
 

@@ -132,6 +132,11 @@ class DataConfig(Section):
             )
         if self.eval_fraction >= 1:
             raise ValueError("eval_fraction must be < 1")
+        if self.max_rows is not None and self.eval_rows >= self.max_rows:
+            # Caught here, before any model loads: a small max_rows with a recipe's eval_rows.
+            raise ValueError(f"eval_rows ({self.eval_rows}) must be < max_rows "
+                             f"({self.max_rows}): the held-out rows are the last eval_rows of "
+                             "the max_rows read; pass a smaller data.eval_rows")
         return self
 
 

@@ -747,7 +747,8 @@ def _parse_rows(rows: list[Any], start: int, fmt: str, kind: Kind, cfg: DataConf
 def _n_held_out(cfg: DataConfig, n: int, source: str) -> int:
     k = cfg.eval_rows or (max(1, round(n * cfg.eval_fraction)) if cfg.eval_fraction else 0)
     if k >= n:
-        raise DataError(f"{source}: holding out {k} of {n} rows for eval leaves none for training")
+        raise DataError(f"{source}: holding out {k} of {n} rows for eval leaves none for "
+                        "training; lower data.eval_rows or data.eval_fraction")
     return k
 
 

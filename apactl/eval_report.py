@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from apactl.metrics import console
+if TYPE_CHECKING:
+    from rich.console import Console
+
+from apactl.metrics import NARROW, console
 
 
 def finite(obj: Any) -> Any:
@@ -143,8 +146,24 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def print_table(report: dict[str, Any]) -> None:
-    """A compact console table: a judge's mean and win rate share one two-line cell."""
+def print_table(report: dict[str, Any], out: Console | None = None) -> None:
+    """The console summary on ``out`` (default: ``console``): a table whose judge cells hold
+    the mean and the win rate on two lines; one block per policy instead when the terminal is
+    narrower than ``NARROW`` columns or the table would not fit in it."""
+    from rich.measure import Measurement
+
+    out = out or console
+    table = _table(report)
+    # The width the table wants unwrapped (a measurement is clamped to the width offered).
+    wants = Measurement.get(out, out.options.update(max_width=10_000), table).maximum
+    if out.width < NARROW or wants > out.width:
+        for line in vertical_lines(report):
+            out.print(line, highlight=False, markup=False)
+    else:
+        out.print(table)
+
+
+def _table(report: dict[str, Any]):
     from rich.table import Table
 
     keys = report["settings"]["judges"]
@@ -161,4 +180,21 @@ def print_table(report: dict[str, Any]) -> None:
         table.add_row(_label(p), *judges, _kl_cell(p, "k1"), _num(p["entropy"]),
                       _num(p["length_mean"], ".1f"),
                       f"{_num(p['distinct_1'], '.2f')}/{_num(p['distinct_2'], '.2f')}")
-    console.print(table)
+    return table
+
+
+def vertical_lines(report: dict[str, Any]) -> list[str]:
+    """The console summary for a narrow terminal: a legend, then per policy its name, one
+    ``judge: mean [CI] / win [CI] (ties)`` line per judge and one line of KL and text stats."""
+    ci = round(report["settings"]["confidence"] * 100)
+    lines = [f"apactl eval: {report['settings']['run_name']}",
+             f"judge: mean [{ci}% CI] / win vs baseline [{ci}% CI] (ties)"]
+    for p in report["policies"]:
+        lines += ["", _label(p)]
+        for k in report["settings"]["judges"]:
+            mean, win = _judge_cells(p, k)
+            lines.append(f"  {k}: {mean}" + ("" if p["is_baseline"] else f" / win {win}"))
+        lines.append(f"  KL k1 {_kl_cell(p, 'k1')}  entropy {_num(p['entropy'])}  tokens "
+                     f"{_num(p['length_mean'], '.1f')}  distinct-1/2 "
+                     f"{_num(p['distinct_1'], '.2f')}/{_num(p['distinct_2'], '.2f')}")
+    return lines

@@ -82,28 +82,30 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
 
 
-class Progress:
-    """A rich progress bar with a few live fields (loss, lr, tokens/s); ETA from rich."""
+# Below this terminal width the progress line drops its elapsed/eta text and the eval table
+# turns vertical: at 80 columns rich otherwise cuts or wraps them into noise.
+NARROW = 100
 
-    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0):
+
+class Progress:
+    """A rich progress bar with a few live fields (loss, lr, tokens/s); ETA from rich.
+
+    On a terminal narrower than ``NARROW`` columns: description, bar, M/N and the fields only,
+    the bar taking what the text leaves. ``out``: the console to draw on (default: ``console``).
+    """
+
+    def __init__(self, total: int, description: str, enabled: bool = True, start: int = 0,
+                 out: Console | None = None):
         self.enabled = enabled
         self._bar = None
         if not enabled:
             return
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            TextColumn,
-            TimeElapsedColumn,
-            TimeRemainingColumn,
-        )
         from rich.progress import Progress as RichProgress
 
-        self._bar = RichProgress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"), console=console, transient=False,
-        )
+        out = out or console
+        narrow = out.width < NARROW
+        self._bar = RichProgress(*_progress_columns(narrow), console=out, transient=False,
+                                 expand=narrow)
         self._task = self._bar.add_task(description, total=total, completed=start, info="")
         self._bar.start()
 
@@ -116,6 +118,23 @@ class Progress:
     def close(self) -> None:
         if self._bar is not None:
             self._bar.stop()
+
+
+def _progress_columns(narrow: bool) -> list[Any]:
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    if narrow:  # bar_width=None: the bar fills what the text columns leave of the line
+        return [TextColumn("[bold]{task.description}"), BarColumn(bar_width=None),
+                MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
+    return [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}")]
 
 
 def _fmt(v: float) -> str:

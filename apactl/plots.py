@@ -7,16 +7,22 @@ backend is touched and no global figure state leaks between calls (or into a use
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
-# metrics.jsonl key -> panel title of the training curves.
+# metrics.jsonl key -> (panel title, y-axis label with the unit, the smallest y span shown).
+# The span floor keeps a flat curve flat: autoscaling would stretch noise of 0.3 tokens or
+# 0.01 nats over the whole panel. The reward's label depends on the runs (_reward_label).
 CURVES = {
-    "reward/score_mean": "reward (judge score)",
-    "kl/ref_k1": "KL to reference (k1, nats)",
-    "policy/entropy": "entropy (nats/token)",
-    "response/length_mean": "response length (tokens)",
+    "reward/score_mean": ("reward", "judge score", 0.1),
+    "kl/ref_k1": ("KL to reference (k1)", "nats per response", 0.1),
+    "policy/entropy": ("entropy", "nats per token", 0.1),
+    "response/length_mean": ("response length", "tokens", 2.0),
 }
+# On two lines: one line is taller than the panel.
+NORMALISED = "judge score\n(normalised by the RM's mean/std)"
+MIN_SPAN_FRACTION = 0.1  # of the mean |value|: a y axis spans at least 10% of it
 
 
 def _figure(n_panels: int, ncols: int, size: tuple[float, float] = (5.0, 4.0)):
@@ -134,12 +140,25 @@ def frontier_configs_plot(policies: list[dict[str, Any]], judges: list[str],
     return Path(path)
 
 
-def training_curves_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> Path | None:
+def training_curves_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path,
+                         normalized: Collection[str] = ()) -> Path | None:
     """``training_curves.png``: reward, KL, entropy and length per iteration of each run.
 
-    ``runs`` maps a run's name to its metrics.jsonl rows. Returns None (and writes nothing) when
-    no run logged any of the ``CURVES`` keys.
+    ``runs`` maps a run's name to its metrics.jsonl rows; ``normalized``: the runs whose reward
+    is a reward model's score normalised by its mean/std. Returns None (and writes nothing)
+    when no run logged any of the ``CURVES`` keys.
     """
+    fig = training_curves_figure(runs, normalized)
+    if fig is None:
+        return None
+    fig.savefig(path)
+    return Path(path)
+
+
+def training_curves_figure(runs: dict[str, list[dict[str, Any]]],
+                           normalized: Collection[str] = ()):
+    """The Figure of ``training_curves_plot`` (2 x 2 panels, one legend for the figure), or
+    None when no run logged a ``CURVES`` key."""
     from matplotlib import colormaps
     from matplotlib.ticker import MaxNLocator
 
@@ -154,11 +173,40 @@ def training_curves_plot(runs: dict[str, list[dict[str, Any]]], path: str | Path
             if pts:
                 marker = "o" if len(pts) <= 30 else None  # a few points: show where they are
                 ax.plot(*zip(*pts), "-", marker=marker, ms=3, color=color, label=name, lw=1.2)
-    for ax, title in zip(axes, CURVES.values()):
+    labels = {**{k: v[1] for k, v in CURVES.items()},
+              "reward/score_mean": _reward_label(list(runs), normalized)}
+    for ax, (key, (title, _, floor)) in zip(axes, CURVES.items()):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.set_xlabel("iteration")
+        ax.set_ylabel(labels[key])
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.savefig(path)
-    return Path(path)
+        _widen(ax, floor)
+    handles = {}  # one entry per run, from whichever panel drew it
+    for ax in axes:
+        handles.update(zip(*reversed(ax.get_legend_handles_labels())))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", fontsize=8,
+               ncols=min(len(handles), 4))
+    return fig
+
+
+def _reward_label(names: list[str], normalized: Collection[str]) -> str:
+    done = [n for n in names if n in normalized]
+    if not done:
+        return "judge score"
+    if len(done) == len(names):
+        return NORMALISED
+    return f"judge score\n(normalised by the RM's mean/std: {', '.join(done)})"
+
+
+def _widen(ax, floor: float) -> None:
+    """Give the y axis at least ``max(floor, MIN_SPAN_FRACTION * mean |y|)``, centred on the
+    data, so that noise around a flat line is drawn as small as it is."""
+    ys = [y for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)]
+    if not ys:
+        return
+    need = max(floor, MIN_SPAN_FRACTION * sum(abs(y) for y in ys) / len(ys))
+    lo, hi = ax.get_ylim()
+    if hi - lo < need:
+        mid = (min(ys) + max(ys)) / 2
+        ax.set_ylim(mid - need / 2, mid + need / 2)

@@ -8,6 +8,7 @@ nothing here imports torch, so ``apactl recipe validate`` is instant. The schema
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,13 @@ from apactl.errors import RecipeError
 from apactl.sources import BUILTIN, looks_local, resolve_source
 
 ALGO_NAMES = ("apa", "ppo", "awr")
+# The recipes shipped with apactl: the repository's recipes/ in a source checkout, else the
+# copies inside the package (an installed wheel ships the quickstart's only).
+_REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+SHIPPED_RECIPES = (_REPO_RECIPES if _REPO_RECIPES.is_dir()
+                   else Path(__file__).resolve().parent / "assets" / "recipes")
+# Top-level keys of an `accelerate config` file; a recipe has none of them.
+ACCELERATE_KEYS = ("compute_environment", "distributed_type")
 
 
 def _known_keys(model: type[BaseModel] | None, loc: list[str]) -> list[str]:
@@ -106,6 +114,10 @@ def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
     if not isinstance(base, DictConfig):
         raise RecipeError([f"recipe: {p} must be a mapping of sections (kind:, run:, ...) at "
                            f"the top level, not a {type(base).__name__.removesuffix('Config')}"])
+    if "kind" not in base and any(k in base for k in ACCELERATE_KEYS):
+        # recipes/accelerate/ sits beside the recipes: say what the file is for, in one line.
+        raise RecipeError([f"recipe: {p} is an accelerate launch config, not an apactl recipe: "
+                           f"use it as accelerate launch --config_file {p} -m apactl ..."])
     try:
         merged = OmegaConf.merge(base, *_overrides(overrides))
         data = OmegaConf.to_container(merged, resolve=True)
@@ -146,18 +158,87 @@ def load_recipe(
     return parse_recipe(load_raw(path, overrides), kind, check_files)
 
 
+def missing_inputs(recipe: RecipeBase) -> list[tuple[str, str]]:
+    """(dotted key, path) of every local input of the recipe that does not exist (yet)."""
+    return [(dotted, value) for dotted, value in path_fields(recipe)
+            if value and not value.startswith(BUILTIN) and looks_local(value)
+            and not Path(value).expanduser().exists()]
+
+
 def missing_files(recipe: RecipeBase) -> list[str]:
-    """``key: file not found: path`` for every local input of the recipe that does not exist."""
+    """``key: file not found: path`` for every local input of the recipe that does not exist
+    (naming the shipped recipe that makes it), and every unknown ``builtin:`` dataset."""
+    problems = builtin_problems(recipe)
+    for dotted, value in missing_inputs(recipe):
+        maker = producer_command(value)
+        problems.append(f"{dotted}: file not found: {value}"
+                        + (f" (made by: {maker})" if maker else ""))
+    return problems
+
+
+def builtin_problems(recipe: RecipeBase) -> list[str]:
+    """One line per ``builtin:`` source that names no shipped dataset."""
     problems = []
-    for dotted, value in path_fields(recipe):
+    for _, value in path_fields(recipe):
         if value and value.startswith(BUILTIN):
             try:
                 resolve_source(value)
             except RecipeError as exc:
                 problems += exc.problems
-        elif value and looks_local(value) and not Path(value).expanduser().exists():
-            problems.append(f"{dotted}: file not found: {value}")
     return problems
+
+
+def pending_inputs(recipe: RecipeBase) -> list[str]:
+    """``key: not found yet: path (made by: command)`` per missing local input: what
+    ``recipe validate|show`` warn about, since an earlier stage may not have run yet."""
+    lines = []
+    for dotted, value in missing_inputs(recipe):
+        maker = producer_command(value)
+        lines.append(f"{dotted}: not found yet: {value} (made by: {maker})" if maker
+                     else f"{dotted}: not found: {value}")
+    return lines
+
+
+def producer_command(missing: str, root: Path = SHIPPED_RECIPES) -> str | None:
+    """The command of the recipe under ``root`` whose ``run.output_dir`` is ``missing`` or a
+    folder above it (``apactl rm recipes/rm/x.yaml``), or None. The deepest such folder wins.
+
+    Plain YAML reads, no schema and no torch: it runs on every missing input of a recipe.
+    """
+    import yaml
+
+    target = _abs(missing)
+    best: tuple[int, str] | None = None
+    for path in _yaml_files(root):
+        try:
+            data = yaml.safe_load(path.read_text())
+            out, kind = data["run"]["output_dir"], data["kind"]
+        except Exception:  # noqa: BLE001 - launcher configs, partial recipes: not producers
+            continue
+        out_dir = _abs(str(out))
+        if (target == out_dir or out_dir in target.parents) and (
+                best is None or len(out_dir.parts) > best[0]):
+            best = (len(out_dir.parts), f"apactl {kind} {_shown(path)}")
+    return best[1] if best else None
+
+
+def _yaml_files(root: Path) -> list[Path]:
+    # os.walk, not rglob: recipes/quickstart is a symlink into the package, and rglob skips
+    # symlinked folders.
+    return sorted(Path(d) / f for d, _, files in os.walk(root, followlinks=True)
+                  for f in files if f.endswith(".yaml"))
+
+
+def _abs(path: str) -> Path:
+    return Path(os.path.abspath(Path(path).expanduser()))
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (as a user types it)."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 def path_fields(recipe: RecipeBase) -> list[tuple[str, str | None]]:

@@ -21,9 +21,25 @@ def test_quickstart_smoke_runs_every_stage_and_reuses(tmp_path):
         assert (out / stage / "recipe.yaml").exists(), stage
     pairs = [json.loads(x) for x in (out / "label/preferences.jsonl").read_text().splitlines()]
     assert pairs and all(p["chosen_score"] > p["rejected_score"] for p in pairs)
+    # keep_checkpoints: 0 in the shipped recipes: finished stages keep final/ only.
+    for stage in ("sft", "rm", "align-apa"):
+        assert not list((out / stage / "checkpoints").glob("step-*")), stage
+    record = json.loads((out / "quickstart.json").read_text())
+    assert set(record["stage_bytes"]) == {"label", "sft", "rm", "align-apa", "eval"}
+    assert record["stage_bytes"]["align-apa"] > record["stage_bytes"]["sft"] > 0
+    assert "on disk" in res.output
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0
     assert again.output.count("finished earlier, reused") == 5
+
+
+@pytest.mark.parametrize("n, shown", [(0, "0 B"), (999, "999 B"), (9_600, "9.6 kB"),
+                                      (332_000, "332 kB"), (540_000_000, "540 MB"),
+                                      (2_160_000_000, "2.2 GB")])
+def test_human_bytes(n, shown):
+    from apactl.workflows.quickstart import human_bytes
+
+    assert human_bytes(n) == shown
 
 
 def test_quickstart_missing_wheel_without_pip_says_the_command(monkeypatch):

@@ -262,3 +262,26 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, kind):
     wa = load_file(tmp_path / "a/final/model.safetensors")
     wb = load_file(out / "final/model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _iteration_metrics(eos_rate: float) -> dict[str, float]:
+    return {"kl/ref_k1": 0.1, "policy/entropy": 1.0, "response/eos_rate": eos_rate}
+
+
+@pytest.mark.parametrize("eos_rates, warned", [
+    ([0.0] * 4, False),                    # too early to tell
+    ([0.0] * 5, True),                     # nothing ended in the first 5 iterations
+    ([0.0] * 12, True),                    # ... and it is said once
+    ([0.0, 0.25, 0.0, 0.0, 0.0, 0.0, 0.0], False),  # one answer ended: the limit can be met
+    ([0.0, 0.0, 0.0, 0.0, 0.0, 0.5], True),         # an end after the first 5: still said
+])
+def test_maxlen_warning_needs_five_iterations_without_an_end(eos_rates, warned):
+    from apactl.rl.loop import Warnings
+
+    said: list[str] = []
+    w = Warnings(said.append)
+    for rate in eos_rates:
+        w.check(_iteration_metrics(rate), max_new_tokens=32)
+    assert said == ([
+        "responses never end before generation.max_new_tokens=32: raise it if answers should "
+        "be complete; short, cut answers are fine for a quick run"] if warned else [])

@@ -111,13 +111,20 @@ class PromptSampler:
         return out
 
 
+# Iterations in which no response ended before the maxlen warning fires: one iteration of
+# cut answers is normal for short max_new_tokens (the quickstart cuts at 32 on purpose).
+MAXLEN_PATIENCE = 5
+
+
 @dataclass
 class Warnings:
-    """Plain warnings, each printed once."""
+    """Plain warnings, each printed once, about things a user can act on."""
 
     emit: Callable[[str], None]
     seen: set[str] = field(default_factory=set)
     negative_kl_streak: int = 0
+    iterations: int = 0  # iterations checked so far
+    any_eos: bool = False  # some response of a checked iteration ended
 
     def once(self, key: str, msg: str) -> None:
         if key not in self.seen:
@@ -125,6 +132,8 @@ class Warnings:
             self.emit(msg)
 
     def check(self, m: dict[str, float], max_new_tokens: int) -> None:
+        """Look at one iteration's metrics (``kl/ref_k1``, ``policy/entropy``,
+        ``response/eos_rate``)."""
         self.negative_kl_streak = self.negative_kl_streak + 1 if m["kl/ref_k1"] < -0.05 else 0
         if self.negative_kl_streak >= 5:
             self.once("kl", "KL estimate to the reference has been negative for 5 iterations: "
@@ -132,8 +141,12 @@ class Warnings:
         if m["policy/entropy"] < 0.05:
             self.once("entropy",
                       f"policy entropy collapsed to {m['policy/entropy']:.3f} nats/token")
-        if m["response/eos_rate"] == 0.0:
-            self.once("maxlen", f"every response hit max_new_tokens={max_new_tokens} without EOS")
+        self.iterations += 1
+        self.any_eos = self.any_eos or m["response/eos_rate"] > 0.0
+        if self.iterations == MAXLEN_PATIENCE and not self.any_eos:
+            self.once("maxlen", f"responses never end before generation.max_new_tokens="
+                      f"{max_new_tokens}: raise it if answers should be complete; short, cut "
+                      "answers are fine for a quick run")
 
 
 def run_rl(run: RLRun) -> dict[str, float]:

@@ -45,6 +45,13 @@ def _run_meta(run: Path | None) -> dict[str, Any]:
     return yaml.safe_load((run / "recipe.yaml").read_text()) or {}
 
 
+def reward_is_normalized(run: Path) -> bool:
+    """Whether an align run's reward was a reward model's score normalised by its mean/std
+    (what the y axis of its reward curve means)."""
+    reward = _run_meta(run).get("reward") or {}
+    return reward.get("name") == "reward-model" and bool(reward.get("normalize"))
+
+
 def _resolve(ref: str, field: str) -> str:
     try:
         return resolve_model_ref(ref)

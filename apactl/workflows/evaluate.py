@@ -37,6 +37,7 @@ from apactl.workflows.eval_entries import (
     group_configs,
     load_entry,
     resolve_baseline,
+    reward_is_normalized,
     same_model,
     starts_at_baseline,
 )
@@ -255,7 +256,8 @@ def _write_plots(report: dict[str, Any], entries: list[Entry], out: Path) -> lis
         files.append(frontier_configs_plot(report["policies"], report["settings"]["judges"],
                                            out / "frontier_configs.png").name)
     runs = {e.group: read_metrics(e.run) for e in entries if e.run is not None}
-    curves = training_curves_plot(runs, out / "training_curves.png")
+    normalized = {e.group for e in entries if e.run is not None and reward_is_normalized(e.run)}
+    curves = training_curves_plot(runs, out / "training_curves.png", normalized)
     return files + ([curves.name] if curves else [])
 
 

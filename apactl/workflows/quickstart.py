@@ -145,12 +145,33 @@ def _summary(root: Path, times: dict[str, float]) -> None:
     prev = root / "quickstart.json"
     record = json.loads(prev.read_text()) if prev.exists() else {"stage_seconds": {}}
     record["stage_seconds"].update({k: round(v, 1) for k, v in times.items()})
+    # Measured now for every stage, reused ones included: what the quickstart occupies.
+    record["stage_bytes"] = {s.name: folder_bytes(root / s.name) for s in STAGES}
     prev.write_text(json.dumps(record, indent=2))
-    table = Table(title="quickstart: wall time per stage")
+    table = Table(title="quickstart stages")
     table.add_column("stage")
     table.add_column("seconds", justify="right")
+    table.add_column("on disk", justify="right")
     for name, sec in record["stage_seconds"].items():
-        table.add_row(name, f"{sec:.0f}" + ("" if name in times else " (earlier run)"))
-    table.add_row("total", f"{sum(record['stage_seconds'].values()):.0f}")
+        table.add_row(name, f"{sec:.0f}" + ("" if name in times else " (earlier run)"),
+                      human_bytes(record["stage_bytes"].get(name, 0)))
+    table.add_row("total", f"{sum(record['stage_seconds'].values()):.0f}",
+                  human_bytes(sum(record["stage_bytes"].values())))
     console.print(table)
     console.print(f"report: {root / 'eval' / 'report.md'}   plots: {root / 'eval'}/*.png")
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files under ``folder`` (0 when it does not exist); links are not followed."""
+    if not folder.is_dir():
+        return 0
+    return sum(p.lstat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def human_bytes(n: int) -> str:
+    """``540 MB``, ``1.1 GB``, ``12 kB`` (decimal units, as disk sizes are sold)."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            value = n / size
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{n} B"
