@@ -54,7 +54,9 @@ class MetricsLogger:
             return
         keep = [ln for ln in self.path.read_text().splitlines()
                 if ln.strip() and json.loads(ln).get("step", 0) <= step]
-        self.path.write_text("".join(ln + "\n" for ln in keep))
+        from apactl.atomic import write_file
+
+        write_file(self.path, "".join(ln + "\n" for ln in keep))  # a kill here loses no row
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled or not metrics:

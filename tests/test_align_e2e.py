@@ -183,3 +183,17 @@ def test_critic_warm_started_from_a_saved_critic(tmp_path):
             expected = token_values(plain, ids, mask)
         torch.testing.assert_close(seen["values"], expected)
     assert not torch.allclose(expected, torch.zeros_like(expected))
+
+
+def test_eval_judges_score_held_out_prompts_only(tmp_path):
+    """eval_judges: a judge the run never trains on, scored on held-out prompts every
+    eval_every iterations beside the proxy's eval/score_mean."""
+    from apactl.workflows.align import run_align
+
+    run_align(recipe(tmp_path, "train.iterations=4", "train.eval_every=2", "data.eval_rows=8",
+                     "eval_judges=[{name: length, label: words, role: held-out}]"))
+    rows = read_metrics(tmp_path)
+    evals = [r for r in rows if "eval/words_mean" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["eval/words_mean"] >= 1 and "eval/score_mean" in r for r in evals)
+    assert all("eval/words_mean" not in r for r in rows if r["step"] % 2)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from apactl.atomic import write_file
 from apactl.errors import UserError
 from apactl.metrics import console
 from apactl.recipe import load_recipe
@@ -147,7 +148,7 @@ def _summary(root: Path, times: dict[str, float]) -> None:
     record["stage_seconds"].update({k: round(v, 1) for k, v in times.items()})
     # Measured now for every stage, reused ones included: what the quickstart occupies.
     record["stage_bytes"] = {s.name: folder_bytes(root / s.name) for s in STAGES}
-    prev.write_text(json.dumps(record, indent=2))
+    write_file(prev, json.dumps(record, indent=2))
     table = Table(title="quickstart stages")
     table.add_column("stage")
     table.add_column("seconds", justify="right")

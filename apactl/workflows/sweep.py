@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from apactl.atomic import write_file
 from apactl.errors import RecipeError
 from apactl.metrics import console, read_metrics
 from apactl.workflows.sweep_plan import (
@@ -90,10 +91,7 @@ def read_state(path: Path) -> dict[str, Any] | None:
 def write_state(path: Path, state: dict[str, Any]) -> None:
     """Write atomically (temp file + rename): a reader never sees half a file."""
     state["updated"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_file(path, json.dumps(state, indent=2) + "\n")
 
 
 # -------------------------------------------------------------------------- scripts (pure)

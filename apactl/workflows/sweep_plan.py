@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from apactl.atomic import write_file
 from apactl.config import RunConfig
 from apactl.errors import RecipeError
 from apactl.recipe import load_raw, parse_recipe
@@ -275,8 +276,7 @@ def write_script(plan: Plan, emit: str) -> Path:
     cwd = Path.cwd()
     text = sbatch_text(plan, cwd) if emit == "slurm" else commands_text(plan, cwd)
     path = plan.root / EMIT_FILES[emit]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_file(path, text)
     if emit == "slurm":
         path.chmod(0o755)
     return path
