@@ -82,3 +82,21 @@ def test_yaml_no_means_no(tmp_path):
     path.write_text("kind: sft\ndata: {source: 'builtin:sft'}\nrun: {mixed_precision: no}\n")
     assert load_recipe(path).run.mixed_precision == "no"  # YAML 1.1 reads `no` as false
     assert load_recipe(path, ["run.mixed_precision=no"]).run.mixed_precision == "no"
+
+
+def test_mixed_precision_align_runs_end_to_end_on_cpu(tmp_path):
+    """The CUDA default path (fp32 masters, bf16 autocast, frozen layers in bf16 shared with the
+    reference) run on CPU: it trains, and the saved policy holds fp32 weights."""
+    from helpers import tiny_recipe
+    from safetensors.torch import load_file
+
+    from apactl.metrics import read_metrics
+    from apactl.workflows.align import run_align
+
+    run_align(tiny_recipe("align", tmp_path, "run.mixed_precision=bf16", "train.iterations=3",
+                          "train.freeze_bottom_layers=1"))
+    rows = read_metrics(tmp_path)
+    assert len(rows) == 3 and rows[-1]["kl/ref_k1"] > 0.01  # the policy moved
+    weights = load_file(tmp_path / "final/policy/model.safetensors")
+    top = [k for k in weights if ".layers.1." in k]
+    assert top and all(weights[k].dtype == torch.float32 for k in top)

@@ -105,7 +105,9 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
     q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
     sampler = actors.sampler or actors.policy
     sampler.eval()
-    with timer("generate"):
+    # Under autocast too: with mixed precision a policy mixes fp32 (trained) and 16-bit
+    # (frozen) weights; the 16-bit sampler copy of a CUDA run is unaffected.
+    with timer("generate"), plan.autocast():
         resp, mask = sample(sampler, q_ids, q_mask, plan.spec, actors.eos, plan.pad_id,
                             plan.backend)
     seq = build_sequences(q_ids, q_mask, resp, mask, plan.pad_id)
