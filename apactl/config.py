@@ -405,6 +405,7 @@ class AlignTrainConfig(Section):
     max_grad_norm: PositiveFloat | None = 1.0
     freeze_bottom_layers: NonNegInt = 0
     eval_every: NonNegInt = 0
+    eval_prompts: PositiveInt = 64  # held-out prompts per evaluation (the first N)
     save_every: NonNegInt = 0
     # Checkpoints kept while the run goes on; 0: only the newest, and none once final/ is
     # written (a finished run can then not be extended with --resume; saves disk).

@@ -34,7 +34,8 @@ RESULTS = ("final", "preferences.jsonl", "report.json")
 OPERATIONAL = (
     "logging.", "run.name", "run.output_dir", "run.num_threads", "run.dist_timeout_s",
     "run.device", "run.strategy", "run.deterministic", "train.save_every",
-    "train.keep_checkpoints", "train.eval_every", "train.log_every", "train.eval_batch_size",
+    "train.keep_checkpoints", "train.eval_every", "train.eval_prompts", "train.log_every",
+    "train.eval_batch_size",
     # The global batch is what the math sees; its split into micro-batches is operational
     # (resuming on another world size changes it).
     "train.grad_accum", "train.forward_batch_size", "reward.batch_size", "model.cache_dir",

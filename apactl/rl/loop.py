@@ -49,6 +49,7 @@ class LoopPlan:
     whiten: bool
     reward_clip: float | None
     max_new_tokens: int
+    eval_prompts: int = 64
 
 
 @dataclass
@@ -238,9 +239,9 @@ def _metrics(ro_stats, adv_stats, upd_stats, times, n_episodes, n_tokens,
 
 
 def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
-    """Judge score and KL on (up to 64) held-out prompts with the run's sampling settings, and
-    the scores of the evaluation-only judges (``eval/<label>_mean``)."""
-    batch, step = run.held_out[:64], run.plan.rollout_batch_size
+    """Judge score and KL on the first ``eval_prompts`` held-out prompts with the run's sampling
+    settings, and the scores of the evaluation-only judges (``eval/<label>_mean``)."""
+    batch, step = run.held_out[:run.plan.eval_prompts], run.plan.rollout_batch_size
     timer = Timer(run.hooks.wrap)
     scores, k1, extra = [], [], {k: [] for k in run.eval_judges}
     for i in range(0, len(batch), step):

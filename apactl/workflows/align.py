@@ -137,7 +137,8 @@ def plans(recipe: AlignRecipe, rt: Runtime, pad_id: int
                      recipe.critic.clip, recipe.run.seed, pad_id, rt.precision.autocast)
     loop = LoopPlan(tr.iterations, tr.rollout_batch_size, tr.eval_every, tr.save_every,
                     tr.keep_checkpoints, recipe.critic.warmup_iterations, recipe.gae.gamma,
-                    recipe.gae.lam, recipe.gae.whiten, recipe.reward.clip, gen.max_new_tokens)
+                    recipe.gae.lam, recipe.gae.whiten, recipe.reward.clip, gen.max_new_tokens,
+                    tr.eval_prompts)
     return rollout, upd, loop
 
 

@@ -149,7 +149,7 @@ def load_entry(e: Entry, device, dtype):
 # log): runs equal in everything else are seeds of one configuration.
 NOT_CONFIG = ("run.seed", "run.output_dir", "run.name", "logging.", "run.num_threads",
               "run.dist_timeout_s", "run.device", "train.save_every", "train.keep_checkpoints",
-              "train.log_every", "train.eval_every", "train.grad_accum",
+              "train.log_every", "train.eval_every", "train.eval_prompts", "train.grad_accum",
               "train.forward_batch_size")
 
 

@@ -145,7 +145,7 @@ def plot_curves(gs: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_frontier(gs: dict[str, list[dict]], path: Path) -> None:
-    """Gold and proxy reward against KL at the held-out evaluation points (every 6
+    """Gold and proxy reward against KL at the held-out evaluation points (every 8
     iterations), per configuration: mean over seeds, vertical bars spanning the seeds."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -164,7 +164,7 @@ def plot_frontier(gs: dict[str, list[dict]], path: Path) -> None:
                         fmt="-o", ms=3, capsize=2, color=f"C{i}", label=label)
         ax.set_xlabel("KL to pi_init on held-out prompts (k1, nats per response)")
         ax.set_ylabel(f"{name} reward")
-        ax.set_title(f"{name} reward vs KL (points: iterations 6, 12, 18, 24)")
+        ax.set_title(f"{name} reward vs KL (points: iterations 8, 16, 24)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(path)
