@@ -219,11 +219,12 @@ class RecipeBase(Section):
     def _strategy(self) -> RecipeBase:
         if self.run.strategy == "fsdp":
             if not self.shardable:
-                raise ValueError(f"run.strategy: fsdp is implemented for sft and rm, not "
+                raise ValueError(f"run.strategy: fsdp shards what trains (sft, rm, align), not "
                                  f"{self.kind}; use ddp")
-            lora = getattr(getattr(self, "model", None), "lora", None)
-            if lora is not None:
-                raise ValueError("run.strategy: fsdp is not combined with model.lora; use ddp")
+            for section in ("model", "policy"):
+                if getattr(getattr(self, section, None), "lora", None) is not None:
+                    raise ValueError(f"run.strategy: fsdp is not combined with {section}.lora; "
+                                     "use ddp")
         return self
 
 
@@ -460,6 +461,7 @@ class AlignTrainConfig(Section):
 
 class AlignRecipe(RecipeBase):
     kind: Literal["align"] = "align"
+    shardable: ClassVar[bool] = True
     policy: ModelConfig = Field(default_factory=ModelConfig)
     reward: RewardConfig
     critic: CriticConfig = Field(default_factory=CriticConfig)

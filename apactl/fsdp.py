@@ -1,4 +1,4 @@
-"""Fully sharded data parallel for ``apactl sft`` and ``apactl rm`` (``run.strategy: fsdp``,
+"""Fully sharded data parallel for ``apactl sft``, ``rm`` and ``align`` (``run.strategy: fsdp``,
 torch FSDP2).
 
 Each decoder layer and then the whole model go through ``fully_shard``: every rank keeps 1/N of
@@ -83,3 +83,25 @@ def load_optimizer(model: torch.nn.Module, opt, state: dict[str, Any]) -> None:
                             for g in state["param_groups"]]}
     set_optimizer_state_dict(model, opt, osd, options=_options())
 
+
+
+def full_weights_everywhere(model: torch.nn.Module) -> dict[str, Any]:
+    """The unsharded weights on every rank, on the model's device (a collective): what a local
+    copy of the model (the 16-bit sampler of a CUDA run) is refreshed from."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_options())
+
+
+def load_full_weights(model: torch.nn.Module, folder) -> None:
+    """Load a saved model folder (safetensors, unsharded) into a sharded ``model``; every rank
+    reads the files. A tied LM head is not in the files and stays tied."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    set_model_state_dict(model, state, options=_options(strict=False))

@@ -69,7 +69,6 @@ SPECIFIC = {
         ("train.iterations=1e12", "train.iterations"),
         ("eval_judges=[{name: nope}]", "eval_judges.0"),
         ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
-        ("run.strategy=fsdp", "fsdp is implemented for sft and rm"),
         ("kind=sft", "kind: this is a 'sft' recipe"),
     ],
     "eval": [
@@ -81,11 +80,13 @@ SPECIFIC = {
         ("baseline.path=./nope", "baseline.path: file not found"),
         ("policies=[{name: a@b, path: x}]", "cannot contain '@'"),
         ("generation.top_p=0", "generation.top_p"),
+        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align), not eval"),
     ],
     "label": [
         ("label.samples=1", "label.samples"), ("label.pairs=some", "label.pairs"),
         ("judge.name=nope", "judge"), ("judge.args={chars: 5, nope: 2}", "unknown args nope"),
         ("label.min_margin=-1", "label.min_margin"),
+        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align), not label"),
         ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
     ],
 }

@@ -174,8 +174,9 @@ def run_rl(run: RLRun) -> dict[str, float]:
             if plan.save_every and (it + 1) % plan.save_every == 0 and it + 1 < plan.iterations:
                 _save(run, it + 1, stats)
         _save(run, plan.iterations, stats)
-        save_final(run.out, lambda folder, final: _write_models(run, folder, final), dist,
-                   plan.keep_checkpoints)
+        weights = _full_weights(run)
+        save_final(run.out, lambda folder, final: _write_models(run, folder, final, weights),
+                   dist, plan.keep_checkpoints)
     finally:
         progress.close()
         logger.close()
@@ -184,6 +185,12 @@ def run_rl(run: RLRun) -> dict[str, float]:
 
 def _start(run: RLRun) -> tuple[int, ScoreStats]:
     def load(folder: Path) -> None:
+        if run.actors.sharded:  # checkpoints hold unsharded folders: every rank reads them
+            from apactl.fsdp import load_full_weights
+
+            load_full_weights(run.actors.policy, folder / "policy")
+            load_full_weights(run.actors.critic, folder / "critic")
+            return
         ckpt.load_weights(run.actors.policy, folder / "policy")
         ckpt.load_weights(run.actors.critic, folder / "critic")
 
@@ -204,7 +211,7 @@ def iteration(run: RLRun, sampler: PromptSampler, it: int, stats: ScoreStats
     beta = run.kl.value
     run.hooks.call("on_rollout_start", it)
     ro, texts, ro_stats = collect_rollout(run.actors, batch, run.rollout, timer, Stream.ROLLOUT,
-                                          (it,), dist)
+                                          (it,), _rollout_dist(run))
     run.hooks.call("on_rollout", it, ro, texts, batch)
     stats.update(ro.scores.cpu())
     adv_stats = add_advantages(ro, beta, plan.gamma, plan.gae_lambda, plan.whiten,
@@ -247,7 +254,7 @@ def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
     for i in range(0, len(batch), step):
         part = batch[i:i + step]
         ro, texts, _ = collect_rollout(run.actors, part, run.rollout, timer, Stream.ALIGN_EVAL,
-                                       (it, i), run.opt.dist)
+                                       (it, i), _rollout_dist(run))
         scores.append(ro.scores.cpu())
         k1.append(kl_estimates(ro.old_logprobs, ro.ref_logprobs, ro.response_mask)["k1"].cpu())
         for key, judge in run.eval_judges.items():
@@ -258,17 +265,38 @@ def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
     return out
 
 
-def _write_models(run: RLRun, folder: Path, final: bool) -> None:
+def _rollout_dist(run: RLRun):
+    """Sharded models: every rank computes the whole rollout (the same seeds, so the same
+    samples as split ranks), so every rank runs the same collectives; else chunks are split."""
+    from apactl.distributed import Dist
+
+    return Dist() if run.actors.sharded else run.opt.dist
+
+
+def _full_weights(run: RLRun) -> dict[str, dict]:
+    """{"policy": ..., "critic": ...} unsharded on rank 0 under fsdp (a collective: every rank
+    calls it), else {} (the models' own weights are written)."""
+    if not run.actors.sharded:
+        return {}
+    from apactl.fsdp import full_state
+
+    return {"policy": full_state(run.actors.policy)[0], "critic": full_state(run.actors.critic)[0]}
+
+
+def _write_models(run: RLRun, folder: Path, final: bool, weights: dict[str, dict]) -> None:
     from apactl.models import write_model
 
     tok = run.actors.tokenizer
     # Checkpoints keep a LoRA adapter as is (exact resume); final/ gets merged models.
-    write_model(run.actors.policy, tok, folder / "policy", merge_lora=final)
-    write_model(run.actors.critic, tok, folder / "critic", merge_lora=final)
+    write_model(run.actors.policy, tok, folder / "policy", merge_lora=final,
+                state_dict=weights.get("policy"))
+    write_model(run.actors.critic, tok, folder / "critic", merge_lora=final,
+                state_dict=weights.get("critic"))
 
 
 def _save(run: RLRun, step: int, stats: ScoreStats) -> None:
     run.hooks.call("on_save", step)
     state = {"kl": run.kl.state_dict(), "score_stats": vars(stats)}
-    save(run.out, step, lambda folder, final: _write_models(run, folder, final), run.opt, state,
-         run.recipe, run.plan.keep_checkpoints)
+    weights = _full_weights(run)
+    save(run.out, step, lambda folder, final: _write_models(run, folder, final, weights),
+         run.opt, state, run.recipe, run.plan.keep_checkpoints)

@@ -42,12 +42,21 @@ class Actors:
     device: torch.device
     forwards: Forwards
     sampler: torch.nn.Module | None = None
+    # run.strategy=fsdp: policy and critic are sharded; every rank computes the whole rollout
+    # (identical samples, so no collective can go unmatched), the update is split over ranks.
+    sharded: bool = False
 
     def sync_sampler(self) -> None:
-        """Copy the policy's current weights into the inference copy (no-op without one)."""
+        """Copy the policy's current weights into the inference copy (no-op without one), in
+        place: a captured CUDA graph keeps reading the same storage."""
         if self.sampler is None or self.sampler is self.policy:
             return
         with torch.no_grad():
+            if self.sharded:
+                from apactl.fsdp import full_weights_everywhere
+
+                self.sampler.load_state_dict(full_weights_everywhere(self.policy), strict=False)
+                return
             for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
                 dst.copy_(src)
 

@@ -41,11 +41,32 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     if critic_tok.get_vocab() != tok.get_vocab():
         raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
                         "so it cannot value policy tokens; set critic.init=policy")
+    eos = eos_ids(policy, tok)
+    if recipe.run.strategy == "fsdp" and rt.dist.enabled:
+        return _sharded_actors(recipe, rt, policy, ref, critic, judge, tok, eos)
     forwards = plan_forwards(policy, ref, critic, tr.freeze_bottom_layers, critic_k,
                              tr.reuse_frozen_trunk, getattr(judge, "model", None),
                              warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
-    return Actors(policy, ref, critic, judge, tok, eos_ids(policy, tok), rt.device, forwards,
+    return Actors(policy, ref, critic, judge, tok, eos, rt.device, forwards,
                   sampler=_sampler(policy, rt))
+
+
+def _sharded_actors(recipe: AlignRecipe, rt: Runtime, policy, ref, critic, judge, tok,
+                    eos) -> Actors:
+    """run.strategy=fsdp: policy and critic sharded per layer (FSDP2); the frozen reference and
+    reward model replicated. Sharded modules cannot be shared with unsharded ones, so the
+    frozen-trunk reuse is off (plain forwards)."""
+    from apactl.fsdp import shard_model
+    from apactl.rl.forward import PlainForwards
+
+    if recipe.train.reuse_frozen_trunk and recipe.train.freeze_bottom_layers > 0:
+        console.print("run.strategy=fsdp: train.reuse_frozen_trunk is off (sharded layers are "
+                      "not shared with the reference)")
+    sampler = _sampler(policy, rt)  # a local 16-bit copy (CUDA), made before sharding
+    shard_model(policy)
+    shard_model(critic)
+    return Actors(policy, ref, critic, judge, tok, eos, rt.device,
+                  PlainForwards(policy, ref, critic), sampler=sampler, sharded=True)
 
 
 def _critic_freeze(recipe: AlignRecipe) -> int:
@@ -95,9 +116,9 @@ def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optim
         return Schedule(lr, tr.weight_decay, tr.schedule, tr.warmup_steps, steps,
                         tr.max_grad_norm)
 
-    trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr)),
+    trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr), actors.sharded),
                 "critic": make_trainee("critic", actors.critic,
-                                       schedule(recipe.critic.lr or tr.lr))}
+                                       schedule(recipe.critic.lr or tr.lr), actors.sharded)}
     return Optimization(trainees, rt.dist, rt.precision.grad_scaler())
 
 
