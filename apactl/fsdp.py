@@ -16,23 +16,31 @@ from typing import Any
 import torch
 
 
-def shard_model(model: torch.nn.Module) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, precision=None) -> torch.nn.Module:
     """Shard per decoder layer, then the rest. A sequence classifier (a reward model) is scored
     through its backbone and its ``score`` head called one after the other
     (``models.sequence_scores``), which skips the root module's forward: the backbone and the
     head are units of their own, so each gathers its weights when it is called. A causal LM
     keeps its embeddings in the root unit (the LM head is tied to them)."""
-    from torch.distributed.fsdp import fully_shard
+    from functools import partial
+
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from apactl.models import backbone, decoder_layers, unwrap
 
+    shard = fully_shard
+    if precision is not None and precision.mixed and precision.device.type == "cuda":
+        # FSDP's own mixed precision: all-gather the weights in the compute dtype (half the
+        # traffic of fp32), reduce-scatter gradients in fp32 into the fp32 shards.
+        shard = partial(fully_shard, mp_policy=MixedPrecisionPolicy(
+            param_dtype=precision.dtype, reduce_dtype=torch.float32))
     for layer in decoder_layers(model):
-        fully_shard(layer)
+        shard(layer)
     head = getattr(unwrap(model), "score", None)
     if head is not None:
-        fully_shard(backbone(model))
-        fully_shard(head)
-    fully_shard(model)  # the rest: embeddings (tied to the LM head), final norm, head
+        shard(backbone(model))
+        shard(head)
+    shard(model)  # the rest: embeddings (tied to the LM head), final norm, head
     return model
 
 

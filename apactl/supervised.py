@@ -131,7 +131,7 @@ def run_supervised(task: SupervisedTask, s: Setup) -> dict[str, float]:
     if task.sharded:
         from apactl.fsdp import shard_model
 
-        task.model = shard_model(task.model)
+        task.model = shard_model(task.model, s.precision)
     opt = _optimization(task, s, n_steps)
     start, _ = resume(s.resume_from, lambda folder: None, opt)
     s.begin()

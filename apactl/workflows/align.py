@@ -30,19 +30,22 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     tr, p = recipe.train, rt.precision
     policy, tok = load_policy(recipe.policy, rt.device, p.master_dtype,
                               freeze_bottom_layers=tr.freeze_bottom_layers)
-    p.store_frozen(policy)
+    sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
+    if not sharded:  # an FSDP unit needs one dtype: sharded models keep fp32 throughout
+        p.store_frozen(policy)
     ref = load_reference(policy, recipe.policy, rt.device, p.frozen_dtype)
     judge = build_judge(recipe.reward, device=rt.device, dtype=p.frozen_dtype)
     critic_k = _critic_freeze(recipe)
     critic, critic_tok = load_sequence_classifier(
         _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
         freeze_bottom_layers=critic_k)
-    p.store_frozen(critic)
+    if not sharded:
+        p.store_frozen(critic)
     if critic_tok.get_vocab() != tok.get_vocab():
         raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
                         "so it cannot value policy tokens; set critic.init=policy")
     eos = eos_ids(policy, tok)
-    if recipe.run.strategy == "fsdp" and rt.dist.enabled:
+    if sharded:
         return _sharded_actors(recipe, rt, policy, ref, critic, judge, tok, eos)
     forwards = plan_forwards(policy, ref, critic, tr.freeze_bottom_layers, critic_k,
                              tr.reuse_frozen_trunk, getattr(judge, "model", None),
@@ -63,8 +66,8 @@ def _sharded_actors(recipe: AlignRecipe, rt: Runtime, policy, ref, critic, judge
         console.print("run.strategy=fsdp: train.reuse_frozen_trunk is off (sharded layers are "
                       "not shared with the reference)")
     sampler = _sampler(policy, rt)  # a local 16-bit copy (CUDA), made before sharding
-    shard_model(policy)
-    shard_model(critic)
+    shard_model(policy, rt.precision)
+    shard_model(critic, rt.precision)
     return Actors(policy, ref, critic, judge, tok, eos, rt.device,
                   PlainForwards(policy, ref, critic), sampler=sampler, sharded=True)
 

@@ -87,7 +87,8 @@ def run_rm(recipe: RMRecipe, resume: bool = False, overwrite: bool = False,
         model, tok = load_sequence_classifier(ref, rt.device, p.master_dtype, trainable=True,
                                               cfg=recipe.model,
                                               freeze_bottom_layers=tr.freeze_bottom_layers)
-        p.store_frozen(model)
+        if recipe.run.strategy != "fsdp":  # an FSDP unit needs one dtype
+            p.store_frozen(model)
         check_positions(model, d.max_len, "data.max_len")
         args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source, report)
         train_items, _ = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)

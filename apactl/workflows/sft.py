@@ -66,7 +66,8 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False,
         train_ex, eval_ex, report = load_examples(d, "sft")
         model, tok = load_policy(recipe.model, rt.device, p.master_dtype,
                                  freeze_bottom_layers=recipe.train.freeze_bottom_layers)
-        p.store_frozen(model)
+        if recipe.run.strategy != "fsdp":  # an FSDP unit needs one dtype
+            p.store_frozen(model)
         check_positions(model, d.max_len, "data.max_len")
         args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source, report)
         train_items, _ = tokenize_sft(tok, fit_prompts(tok, train_ex, d), *args)
