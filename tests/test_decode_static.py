@@ -1,11 +1,10 @@
 """decode_static against the reference decode loop: the same tokens, the same width and the same
-RNG state afterwards for the same seed; bucketing; the graph cache and its fallback (with a stand-in
+RNG state afterwards for the same seed; the graph cache and its fallback (with a stand-in
 for CUDA graphs on CPU); and, on a CUDA machine, real graphs against the eager static loop."""
 
 from __future__ import annotations
 
 import contextlib
-import random
 import string
 import time
 import warnings
@@ -17,7 +16,7 @@ import apactl.sampling.static as ds
 from apactl.data import left_pad
 from apactl.sampling import SamplingSpec, response_mask
 from apactl.sampling.loop import decode_loop
-from apactl.sampling.static import bucket_by_length, clear_graphs, decode_static
+from apactl.sampling.static import clear_graphs, decode_static
 from apactl.testing import make_tiny_llama, make_tiny_tokenizer
 
 TEXTS = ("hi", "tell me a story", "abc", "why is the sky blue?", "x", "ok then")
@@ -169,32 +168,6 @@ def test_decode_step_reads_nothing_back_to_the_host(tiny, sampling, monkeypatch)
     out, _ = static(model, q, m, [-1], tok.pad_token_id, 0, n_new=8, cuda_graphs=False,
                     **sampling)
     assert out.shape[1] == 8 and len(steps) == 7
-
-
-# ----------------------------------------------------------------------------------- buckets
-def waste(lengths, bucket):
-    top = max(lengths[i] for i in bucket)
-    return 0.0 if top == 0 else 1 - sum(lengths[i] for i in bucket) / (len(bucket) * top)
-
-
-@pytest.mark.parametrize("max_waste", [0.0, 0.1, 0.25, 0.5])
-def test_buckets_partition_rows_and_bound_padding(max_waste):
-    rng = random.Random(0)
-    for _ in range(50):
-        lengths = [rng.randint(1, 300) for _ in range(rng.randint(1, 40))]
-        buckets = bucket_by_length(lengths, max_waste)
-        assert sorted(i for b in buckets for i in b) == list(range(len(lengths)))
-        assert all(b == sorted(b) for b in buckets)
-        assert all(waste(lengths, b) <= max_waste + 1e-12 for b in buckets)
-
-
-def test_buckets_small_cases():
-    assert bucket_by_length([]) == []
-    assert bucket_by_length([5, 5, 5]) == [[0, 1, 2]]
-    assert bucket_by_length([10, 1, 9, 2], max_waste=0.25) == [[0, 2], [1, 3]]
-    assert bucket_by_length([3, 4, 3], max_waste=0.0) == [[1], [0, 2]]
-    with pytest.raises(ValueError):
-        bucket_by_length([1], max_waste=1.0)
 
 
 # --------------------------------------------------- graph cache logic, with a stand-in graph

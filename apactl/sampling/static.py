@@ -63,31 +63,6 @@ def reset_fallback() -> None:
     GRAPH_FALLBACK_REASON, _WARNED = None, False
 
 
-def bucket_by_length(lengths: list[int], max_waste: float = 0.25) -> list[list[int]]:
-    """Group row indices so that, padded to its longest row, each bucket wastes at most
-    ``max_waste`` of its cells: ``1 - sum(len) / (n * max(len)) <= max_waste``.
-
-    Greedy over rows sorted longest first: a row joins the open bucket while the bound holds.
-    Rows only get shorter, so once one does not fit no later row would. Buckets come longest
-    first; indices inside a bucket are ascending.
-    """
-    if not 0.0 <= max_waste < 1.0:
-        raise ValueError(f"max_waste must be in [0, 1), got {max_waste}")
-    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
-    buckets: list[list[int]] = []
-    top = total = 0
-    for i in order:
-        n = len(buckets[-1]) if buckets else 0
-        fits = n > 0 and total + lengths[i] >= (1.0 - max_waste) * (n + 1) * top
-        if fits:
-            buckets[-1].append(i)
-            total += lengths[i]
-        else:
-            buckets.append([i])
-            top = total = lengths[i]
-    return [sorted(b) for b in buckets]
-
-
 @dataclass(eq=False)
 class _State:
     """Everything one fixed-shape step reads and writes (the graph's static buffers)."""
