@@ -264,5 +264,6 @@ def resume(last: Path | None, load_models: Callable[[Path], None],
     load_models(last)
     opt.load_state_dict(state["optimization"])
     ckpt.set_rng_state(state["rng"])
+    ckpt.forget_states()
     console.print(f"resumed from {last} (step {state['step']})")
     return int(state["step"]), state

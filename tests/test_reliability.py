@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -115,14 +114,15 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
     assert sft(out, "train.max_steps=2").exit_code == 0
     marker = tmp_path / "pwned"
     last = ckpt.latest_checkpoint(out)
-    with open(last / ckpt.STATE, "wb") as f:
-        pickle.dump({"format": ckpt.FORMAT, "x": _Payload(marker)}, f)
+    # A well-formed torch archive whose pickle would run `touch` when unpickled.
+    torch.save({"format": ckpt.FORMAT, "x": _Payload(marker)}, last / ckpt.STATE)
     for c in ckpt.list_checkpoints(out):  # every checkpoint crafted: nothing good to fall to
         if c != last:
             (c / ckpt.STATE).write_bytes((last / ckpt.STATE).read_bytes())
     res = sft(out, "train.max_steps=2", flags=["--resume"])
     assert not marker.exists()
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "cannot read the checkpoint state" in res.output.replace("\n", "")
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
