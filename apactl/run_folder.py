@@ -96,23 +96,37 @@ def has_results(folder: Path) -> bool:
     return metrics.is_file() and metrics.stat().st_size > 0
 
 
-def clear(folder: Path) -> None:
+def clear(folder: Path, keep: tuple[str, ...] = (LOCK,)) -> None:
     """Remove an earlier run's files (``--overwrite``); the lock stays."""
     for p in folder.iterdir():
-        if p.name != LOCK:
+        if p.name not in keep:
             shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
-def claim(folder: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Make ``folder`` this run's; returns the checkpoint to resume (None: start fresh)."""
+def claim(folder: Path, resume: bool, overwrite: bool,
+          recipe: dict[str, Any] | None = None) -> Path | None:
+    """Make ``folder`` this run's; returns the checkpoint to resume (None: start fresh).
+
+    ``recipe``: the run's resolved recipe; with ``resume``, a folder whose run was killed before
+    its first checkpoint (no checkpoint, no ``final/``) is restarted when its ``recipe.yaml``
+    computes the same run: nothing of it can be resumed and nothing finished is lost.
+    """
     clean_dead_temps(folder)
     clean_dead_temps(folder / CKPT_DIR)
     if resume:
         last = latest_good_checkpoint(folder)
         if last is None and has_results(folder):
-            raise RunFolderError(f"{folder}: --resume: no checkpoint to resume, but the folder "
-                                 "holds an earlier run's results; pass --overwrite to replace "
-                                 "them")
+            if not _killed_before_first_checkpoint(folder, recipe):
+                raise RunFolderError(f"{folder}: --resume: no checkpoint to resume, but the "
+                                     "folder holds an earlier run's results; pass --overwrite "
+                                     "to replace them")
+            from apactl.metrics import console
+
+            console.print(f"[yellow]--resume:[/] {folder}: the earlier attempt of this run "
+                          "stopped before its first checkpoint; its logs are discarded and "
+                          "the run starts again from the beginning")
+            # ``*.log`` files are a launcher's (e.g. the sweep's stderr log, open right now).
+            clear(folder, keep=(LOCK, *(p.name for p in folder.glob("*.log"))))
         return last
     if has_results(folder):
         if not overwrite:
@@ -121,6 +135,21 @@ def claim(folder: Path, resume: bool, overwrite: bool) -> Path | None:
                                  "replace it, or choose another run.output_dir")
         clear(folder)
     return None
+
+
+def _killed_before_first_checkpoint(folder: Path, recipe: dict[str, Any] | None) -> bool:
+    """Only logs of the same run are left (no ``final/``, no checkpoint, no other results)."""
+    if recipe is None or any((folder / n).exists() for n in RESULTS):
+        return False
+    if any((folder / CKPT_DIR).glob("step-*")):
+        return False  # checkpoints exist but none is readable: keep them for a human to look
+    import yaml
+
+    try:
+        stored = yaml.safe_load((folder / "recipe.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        return False
+    return isinstance(stored, dict) and not recipe_changes(stored, recipe)
 
 
 def latest_good_checkpoint(folder: Path) -> Path | None:

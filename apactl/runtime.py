@@ -114,8 +114,9 @@ def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,
         rt.lock = Lock(rt.output_dir)
         rt.lock.acquire()
         if trains:
-            last = claim(rt.output_dir, resume, overwrite)
-            check_resume(last, recipe.model_dump(mode="json"))
+            resolved = recipe.model_dump(mode="json")
+            last = claim(rt.output_dir, resume, overwrite, resolved)
+            check_resume(last, resolved)
         if last is None:  # a resumed run keeps the recipe.yaml of the run it continues
             rt.recipe_text = recipe_to_yaml(recipe)
     found = rt.dist.broadcast_object(str(last) if last is not None else None)

@@ -71,6 +71,29 @@ def test_resume_refuses_a_changed_recipe_and_keeps_recipe_yaml(tmp_path):
     assert res.exit_code == 0, res.output
 
 
+def test_resume_restarts_a_run_killed_before_its_first_checkpoint(tmp_path):
+    # What a sweep re-run meets after a kill early in a run: recipe.yaml and some logged
+    # steps, nothing to resume from. The same recipe starts again; another one is refused.
+    import shutil
+
+    out = tmp_path / "run"
+    assert sft(out).exit_code == 0
+    shutil.rmtree(out / "final")
+    shutil.rmtree(out / "checkpoints")
+    logged = (out / "metrics.jsonl").read_text().splitlines()
+    assert logged
+    (out / "sweep-stderr.log").write_text("a launcher's log\n")
+    line = one_error_line(sft(out, "train.lr=1e-2", flags=["--resume"]))
+    assert "no checkpoint to resume" in line and "--overwrite" in line
+    res = sft(out, flags=["--resume"])
+    assert res.exit_code == 0, res.output
+    assert "starts again from the beginning" in " ".join(res.output.split())
+    assert (out / "final" / "config.json").exists()
+    steps = [json.loads(ln).get("step") for ln in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == len(logged) and steps == sorted(steps)  # the old logs are gone
+    assert (out / "sweep-stderr.log").read_text() == "a launcher's log\n"
+
+
 def test_resume_with_another_algorithm_is_refused(tmp_path):
     out = tmp_path / "run"
     args = ("align", str(TINY / "align.yaml"), f"run.output_dir={out}", "train.iterations=2",
