@@ -418,6 +418,11 @@ class AlignTrainConfig(Section):
     # policy and reference (and a critic initialised from the policy), cached for the update,
     # which then runs the top layers only. Costs episodes x length x hidden floats per model.
     reuse_frozen_trunk: bool = True
+    # Keep the frozen reference and reward model(s) in host memory and bring them to the GPU
+    # only to score a rollout: the GPU then holds them only during scoring, not through
+    # generation and the update. Costs one host-to-device copy of their weights per rollout.
+    # Turns reuse_frozen_trunk off (its shared layers would pin the reference to the GPU).
+    offload_frozen: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> AlignTrainConfig:

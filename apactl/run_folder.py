@@ -38,7 +38,8 @@ OPERATIONAL = (
     "train.eval_batch_size",
     # The global batch is what the math sees; its split into micro-batches is operational
     # (resuming on another world size changes it).
-    "train.grad_accum", "train.forward_batch_size", "reward.batch_size", "model.cache_dir",
+    "train.grad_accum", "train.forward_batch_size", "train.offload_frozen", "reward.batch_size",
+    "model.cache_dir",
     "policy.cache_dir",
 )
 

@@ -13,6 +13,7 @@ between them measure the loss and nothing else. The loop's lifecycle, in order:
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from apactl.rl.update import UpdatePlan, update
 from apactl.sampling import Stream
 from apactl.training import Optimization, resume, save, save_final
 
-PHASES = ("generate", "verify", "score", "reward", "update")
+PHASES = ("generate", "verify", "offload", "score", "reward", "update")
 
 
 @dataclass
@@ -71,6 +72,7 @@ class RLRun:
     progress: bool = True
     resume_from: Path | None = None
     eval_judges: dict[str, Any] = field(default_factory=dict)  # held-out only, never trained on
+    eval_offload: Any = None  # apactl.offload.Offload of the eval judges' models (or None)
     hooks: Hooks = field(default_factory=Hooks)
     begin: Callable[[], None] = lambda: None  # the run starts for real (Runtime.begin)
 
@@ -257,8 +259,9 @@ def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
                                        (it, i), _rollout_dist(run))
         scores.append(ro.scores.cpu())
         k1.append(kl_estimates(ro.old_logprobs, ro.ref_logprobs, ro.response_mask)["k1"].cpu())
-        for key, judge in run.eval_judges.items():
-            extra[key] += judge.score([p["messages"] for p in part], texts)
+        with run.eval_offload.on_device() if run.eval_offload else contextlib.nullcontext():
+            for key, judge in run.eval_judges.items():
+                extra[key] += judge.score([p["messages"] for p in part], texts)
     out = {"eval/score_mean": torch.cat(scores).mean().item(),
            "eval/kl_k1": torch.cat(k1).mean().item()}
     out.update({f"eval/{k}_mean": sum(v) / len(v) for k, v in extra.items() if v})

@@ -9,6 +9,7 @@ metrics) sees the global batch on every rank with no further communication.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +46,17 @@ class Actors:
     # run.strategy=fsdp: policy and critic are sharded; every rank computes the whole rollout
     # (identical samples, so no collective can go unmatched), the update is split over ranks.
     sharded: bool = False
+    # train.offload_frozen: the reference and the reward model live on the host between uses
+    # (an ``apactl.offload.Offload``); None: they stay on the device.
+    offload: Any = None
+
+    def frozen_on_device(self, timer: Timer | None = None) -> contextlib.ExitStack:
+        """A context with the frozen models on the device (the transfer timed as "offload")."""
+        stack = contextlib.ExitStack()
+        if self.offload is not None:
+            with timer("offload") if timer is not None else contextlib.nullcontext():
+                stack.enter_context(self.offload.on_device())
+        return stack
 
     def sync_sampler(self) -> None:
         """Copy the policy's current weights into the inference copy (no-op without one), in
@@ -121,17 +133,18 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
                             plan.backend)
     seq = build_sequences(q_ids, q_mask, resp, mask, plan.pad_id)
     fb = plan.forward_batch or max(1, plan.forward_tokens // seq.input_ids.shape[1])
-    if actors.forwards.pending_check:
-        with timer("verify"), plan.autocast():
-            actors.forwards.check(seq.rows(slice(0, fb)), resp[:fb], plan.spec)
-    with timer("score"), plan.autocast():
-        parts = [actors.forwards.rollout(seq.rows(s), resp[s], plan.spec)
-                 for s in (slice(i, i + fb) for i in range(0, resp.shape[0], fb))]
-        width = seq.input_ids.shape[1]
-        scored = {k: torch.cat([fit_width(p[k], width) if k.startswith("keep/") else p[k]
-                                for p in parts]) for k in parts[0]}
-    with timer("reward"):
-        texts, raw = judge_scores(actors, prompts, resp, mask)
+    with actors.frozen_on_device(timer):
+        if actors.forwards.pending_check:
+            with timer("verify"), plan.autocast():
+                actors.forwards.check(seq.rows(slice(0, fb)), resp[:fb], plan.spec)
+        with timer("score"), plan.autocast():
+            parts = [actors.forwards.rollout(seq.rows(s), resp[s], plan.spec)
+                     for s in (slice(i, i + fb) for i in range(0, resp.shape[0], fb))]
+            width = seq.input_ids.shape[1]
+            scored = {k: torch.cat([fit_width(p[k], width) if k.startswith("keep/") else p[k]
+                                    for p in parts]) for k in parts[0]}
+        with timer("reward"):
+            texts, raw = judge_scores(actors, prompts, resp, mask)
     ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
     out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
            "scores": raw, "ended": ended, **scored}

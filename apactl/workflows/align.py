@@ -33,8 +33,14 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
     if not sharded:  # an FSDP unit needs one dtype: sharded models keep fp32 throughout
         p.store_frozen(policy)
+    offload = _offload(recipe, rt)
+    # Each frozen model goes to the host as soon as it is loaded: the GPU holds one at a time.
     ref = load_reference(policy, recipe.policy, rt.device, p.frozen_dtype)
+    if offload is not None:
+        offload.add(ref)
     judge = build_judge(recipe.reward, device=rt.device, dtype=p.frozen_dtype)
+    if offload is not None:
+        offload.add(getattr(judge, "model", None))
     critic_k = _critic_freeze(recipe)
     critic, critic_tok = load_sequence_classifier(
         _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
@@ -46,30 +52,50 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
                         "so it cannot value policy tokens; set critic.init=policy")
     eos = eos_ids(policy, tok)
     if sharded:
-        return _sharded_actors(recipe, rt, policy, ref, critic, judge, tok, eos)
+        return _sharded_actors(recipe, rt, policy, ref, critic, judge, tok, eos, offload)
     forwards = plan_forwards(policy, ref, critic, tr.freeze_bottom_layers, critic_k,
-                             tr.reuse_frozen_trunk, getattr(judge, "model", None),
+                             tr.reuse_frozen_trunk and not tr.offload_frozen,
+                             getattr(judge, "model", None),
                              warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
     return Actors(policy, ref, critic, judge, tok, eos, rt.device, forwards,
-                  sampler=_sampler(policy, rt))
+                  sampler=_sampler(policy, rt), offload=offload)
+
+
+def _offload(recipe: AlignRecipe, rt: Runtime, notices: bool = True):
+    """``train.offload_frozen``: an ``Offload`` for frozen models, or None."""
+    tr = recipe.train
+    if not tr.offload_frozen:
+        return None
+    from apactl.offload import Offload
+
+    if not notices:
+        return Offload(rt.device)
+    if tr.reuse_frozen_trunk and tr.freeze_bottom_layers > 0:
+        console.print("train.offload_frozen: train.reuse_frozen_trunk is off (the shared trunk "
+                      "would keep the reference's layers on the device)")
+    if rt.device.type == "cpu":
+        console.print("train.offload_frozen: the device is the CPU; nothing to offload")
+    return Offload(rt.device)
 
 
 def _sharded_actors(recipe: AlignRecipe, rt: Runtime, policy, ref, critic, judge, tok,
-                    eos) -> Actors:
+                    eos, offload) -> Actors:
     """run.strategy=fsdp: policy and critic sharded per layer (FSDP2); the frozen reference and
     reward model replicated. Sharded modules cannot be shared with unsharded ones, so the
     frozen-trunk reuse is off (plain forwards)."""
     from apactl.fsdp import shard_model
     from apactl.rl.forward import PlainForwards
 
-    if recipe.train.reuse_frozen_trunk and recipe.train.freeze_bottom_layers > 0:
+    tr = recipe.train
+    if tr.reuse_frozen_trunk and tr.freeze_bottom_layers > 0 and not tr.offload_frozen:
         console.print("run.strategy=fsdp: train.reuse_frozen_trunk is off (sharded layers are "
                       "not shared with the reference)")
     sampler = _sampler(policy, rt)  # a local 16-bit copy (CUDA), made before sharding
     shard_model(policy, rt.precision)
     shard_model(critic, rt.precision)
     return Actors(policy, ref, critic, judge, tok, eos, rt.device,
-                  PlainForwards(policy, ref, critic), sampler=sampler, sharded=True)
+                  PlainForwards(policy, ref, critic), sampler=sampler, sharded=True,
+                  offload=offload)
 
 
 def _critic_freeze(recipe: AlignRecipe) -> int:
@@ -104,11 +130,18 @@ def _sampler(policy, rt: Runtime):
     return copy_.eval()
 
 
-def _eval_judges(recipe: AlignRecipe, rt: Runtime) -> dict[str, Any]:
+def _eval_judges(recipe: AlignRecipe, rt: Runtime) -> tuple[dict[str, Any], Any]:
+    """The evaluation-only judges, and an ``Offload`` of their models (offload_frozen)."""
     from apactl.judges import build_judge
 
-    return {j.key: build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype)
-            for j in recipe.eval_judges}
+    offload = _offload(recipe, rt, notices=False)
+    judges = {}
+    for j in recipe.eval_judges:
+        judges[j.key] = build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype)
+        if offload is not None:
+            offload.add(getattr(judges[j.key], "model", None))
+    return judges, offload
+
 
 
 def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optimization:
@@ -179,8 +212,8 @@ def run_align(recipe: AlignRecipe, resume: bool = False, overwrite: bool = False
                     held_out, rollout, upd, loop, rt.output_dir, recipe.model_dump(mode="json"),
                     name=f"align/{recipe.algo.name}", tensorboard=recipe.logging.tensorboard,
                     progress=recipe.logging.progress, resume_from=rt.resume_from,
-                    hooks=hooks or Hooks(), begin=rt.begin,
-                    eval_judges=_eval_judges(recipe, rt))
+                    hooks=hooks or Hooks(), begin=rt.begin)
+        run.eval_judges, run.eval_offload = _eval_judges(recipe, rt)
         last = run_rl(run)
     console.print(f"[green]align/{recipe.algo.name} done[/]: {rt.output_dir / 'final' / 'policy'}")
     return last

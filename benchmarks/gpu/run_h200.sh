@@ -16,7 +16,7 @@ T0=$(date +%s)
 LOG="$OUT/log.txt"
 exec > >(tee -a "$LOG") 2>&1
 left() { echo $(( DEADLINE_S - ($(date +%s) - T0) )); }
-STEPS=${STEPS:-"decode apactl trl precision gputests suite"}  # which parts to run
+STEPS=${STEPS:-"decode apactl trl precision gputests suite offload"}  # which parts to run
 want() { [[ " $STEPS " == *" $1 "* ]]; }
 # step NAME BUDGET_S CMD...: run CMD with min(BUDGET, time left) seconds; SIGINT first (pytest and
 # the benchmarks write what they have), SIGKILL 10 s later.
@@ -81,4 +81,13 @@ want suite && step "pytest (all)" 600 python3 -m pytest -q -p no:cacheprovider -
 want kl && step "kl trajectory" 150 python3 benchmarks/gpu/precision_check.py --policy $M/policy-135m \
   --reward $M/reward-135m --episodes $EP --new-tokens $TOK --minibatch $MB --modes mixed_bf16,fp32 \
   --iterations ${KL_ITERS:-12} --skip-one-step --json "$OUT/kl-trajectory.json"
+# 7. train.offload_frozen (scale-out issue): APA at the big size, one process under torchrun
+#    (NCCL) with run.strategy=fsdp, without and with the frozen models offloaded: peak GPU
+#    memory per phase and seconds per iteration (time/offload: the host-to-device copies).
+for off in false true; do
+  want offload && step "fsdp offload=$off $BIG" 90 torchrun --standalone --nproc_per_node 1 \
+    benchmarks/align_throughput.py --algo apa "${COMMON[@]}" --set run.strategy=fsdp \
+    --set train.offload_frozen=$off --no-save --tag gpu-fsdp-offload-$off \
+    --json "$OUT/fsdp-offload-$off-$BIG.json"
+done
 echo "== done at t=$(( $(date +%s) - T0 ))s"
