@@ -153,32 +153,75 @@ def plot_frontier(gs: dict[str, list[dict]], path: Path) -> None:
     fig = Figure(figsize=(11, 4.6), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
+    root = next(iter(gs.values()))[0]["folder"].parents[1]
     for ax, (key, name) in zip(axes, ((GOLD, "gold (VADER)"), (PROXY, "proxy (RM)"))):
-        for i, (label, group) in enumerate(gs.items()):
+        col = 1 if key == GOLD else 2
+        for i, algo in enumerate(ALGOS):  # every lr and seed: the frontier points
+            pts = frontier_points(root, algo)
+            ax.scatter([p[0] for p in pts], [p[col] for p in pts], s=10, marker="x",
+                       color=f"C{i}", alpha=0.35)
+        extra = 3
+        for label, group in gs.items():
+            if label in ALGOS:
+                color = f"C{ALGOS.index(label)}"
+            else:
+                color, extra = f"C{extra}", extra + 1
             _, kl, _, _ = curves(group, KL)
             _, y, lo, hi = curves(group, key)
             if not kl:
                 continue
             ax.errorbar(kl, y, yerr=[[a - b for a, b in zip(y, lo)],
                                      [b - a for a, b in zip(y, hi)]],
-                        fmt="-o", ms=3, capsize=2, color=f"C{i}", label=label)
+                        fmt="-o", ms=3, capsize=2, color=color, label=label)
         ax.set_xlabel("KL to pi_init on held-out prompts (k1, nats per response)")
         ax.set_ylabel(f"{name} reward")
-        ax.set_title(f"{name} reward vs KL (points: iterations 8, 16, 24)")
+        ax.set_xscale("log")
+        ax.set_title(f"{name} vs KL (lines: chosen lr, iterations 8/16/24; x: every run)",
+                     fontsize=9)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.savefig(path)
 
 
-def at_kl(group: list[dict], key: str, target: float) -> float:
-    """``key`` interpolated at KL ``target`` along the mean-over-seeds frontier (nan outside)."""
-    _, kl, _, _ = curves(group, KL)
-    _, y, _, _ = curves(group, key)
-    pts = sorted(zip(kl, y))
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
-        if x0 <= target <= x1 and x1 > x0:
-            return y0 + (y1 - y0) * (target - x0) / (x1 - x0)
-    return float("nan")
+def frontier_points(root: Path, algo: str) -> list[tuple[float, float, float]]:
+    """Every held-out evaluation point (KL, gold, proxy) of ``algo`` at its default lambda:
+    all grid learning rates and all seeds. Learning rates reach different KLs, so together they
+    trace the reward-KL frontier the matched-KL comparison reads."""
+    default = {"apa": 0.1, "awr": 1.0}.get(algo)
+    pts = []
+    for run in runs(root):
+        a, _, lam = config_of(run)
+        if a != algo or (default is not None and lam != default):
+            continue
+        pts += [(r[KL], r[GOLD], r[PROXY]) for r in run["rows"]
+                if r.get(KL) is not None and r.get(GOLD) is not None]
+    return sorted(pts)
+
+
+def interpolate(pts: list[tuple[float, ...]], target: float, col: int) -> float:
+    """Column ``col`` at KL ``target``, linear between the nearest points on either side."""
+    below = [p for p in pts if p[0] <= target]
+    above = [p for p in pts if p[0] >= target]
+    if not below or not above:
+        return float("nan")
+    (x0, *y0), (x1, *y1) = below[-1], above[0]
+    if x1 == x0:
+        return y0[col - 1]
+    return y0[col - 1] + (y1[col - 1] - y0[col - 1]) * (target - x0) / (x1 - x0)
+
+
+MATCHED_KL = (0.5, 2.0, 5.0, 15.0)
+
+
+def matched(root: Path) -> dict:
+    """Gold and proxy of each algorithm read off its frontier points at equal KLs."""
+    out = {}
+    for algo in ALGOS:
+        pts = frontier_points(root, algo)
+        out[algo] = {"points": len(pts), "kl_range": [pts[0][0], pts[-1][0]] if pts else None,
+                     **{f"{kl:g}": {"gold": interpolate(pts, kl, 1),
+                                    "proxy": interpolate(pts, kl, 2)} for kl in MATCHED_KL}}
+    return out
 
 
 def summary(gs: dict[str, list[dict]]) -> dict:
@@ -195,12 +238,6 @@ def summary(gs: dict[str, list[dict]]) -> dict:
             "train_kl_last5": mean([mean([r["kl/ref_k1"] for r in run["rows"][-5:]])
                                     for run in group]),
             "proxy_peak_step": steps[proxy.index(max(proxy))] if proxy else None}
-    main = [c for c in ("apa", "ppo", "awr") if c in out["configs"]]
-    if main:
-        common = min(max(out["configs"][c]["kl"]) for c in main)
-        out["matched_kl"] = {"kl": common, **{c: {"gold": at_kl(gs[c], GOLD, common),
-                                                  "proxy": at_kl(gs[c], PROXY, common)}
-                                              for c in main}}
     return out
 
 
@@ -289,11 +326,16 @@ def report(root: Path, docs: Path) -> None:
         for k, step in enumerate(c["eval_steps"]):
             md.append(f"| {label} | {step} | {fmt(c['proxy'][k])} | {fmt(c['gold'][k])} | "
                       f"{fmt(c['kl'][k], '.2f')} |")
-    if "matched_kl" in res:
-        m = res["matched_kl"]
-        md += ["", f"## Matched KL ({m['kl']:.2f} nats, interpolated on the mean frontier)", "",
-               "| algorithm | gold at that KL | proxy at that KL |", "|---|---|---|"]
-        md += [f"| {a} | {fmt(m[a]['gold'])} | {fmt(m[a]['proxy'])} |" for a in ALGOS if a in m]
+    res["matched"] = matched(root)
+    md += ["", "## Matched KL (every held-out point of an algorithm at its default lambda: all "
+           "learning rates and seeds; linear between the nearest points)", "",
+           "| algorithm | points | " + " | ".join(f"gold @ KL {k:g}" for k in MATCHED_KL)
+           + " | " + " | ".join(f"proxy @ KL {k:g}" for k in MATCHED_KL) + " |",
+           "|---|---|" + "---|" * (2 * len(MATCHED_KL))]
+    for a, m in res["matched"].items():
+        md.append(f"| {a} | {m['points']} | "
+                  + " | ".join(fmt(m[f"{k:g}"]["gold"]) for k in MATCHED_KL) + " | "
+                  + " | ".join(fmt(m[f"{k:g}"]["proxy"]) for k in MATCHED_KL) + " |")
     (docs / "results.md").write_text("\n".join(md) + "\n")
     (docs / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
     print("\n".join(md))

@@ -2,11 +2,13 @@
 # The APA vs PPO vs AWR study (docs/study.md), start to end, resumable: re-run it after a kill
 # and finished stages and runs are skipped (apactl sweep resumes interrupted runs).
 #   bash docs/study/run_study.sh [phase ...]     phases: data grid seeds lam eval (default: all)
+# THREADS=1 sets run.num_threads (two lanes side by side on 2 cores: 1 thread each); ALGOS
+# limits the seeds phase to some algorithms (default: apa ppo awr).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 R=recipes/study
 OUT=apactl-runs/study
-QUIET=(logging.progress=false)
+QUIET=(logging.progress=false ${THREADS:+run.num_threads=$THREADS})
 phases=${*:-data grid seeds lam eval}
 has() { [[ " $phases " == *" $1 "* ]]; }
 
@@ -23,7 +25,7 @@ fi
 # The best learning rate of each algorithm by the PROXY reward on held-out prompts (never the
 # gold judge), then seeds 1 and 2 at that rate.
 if has seeds; then
-  for algo in apa ppo awr; do
+  for algo in ${ALGOS:-apa ppo awr}; do
     lr=$(python3 docs/study/analyze.py best-lr $OUT/grid $algo)
     apactl sweep $R/align.yaml --grid run.seed=1,2 algo.name=$algo train.lr=$lr \
       run.output_dir=$OUT/seeds-$algo train.keep_checkpoints=0 "${QUIET[@]}"
