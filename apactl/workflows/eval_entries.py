@@ -14,6 +14,7 @@ from apactl.checkpoint import list_checkpoints
 from apactl.config import EvalRecipe, ModelConfig, PolicySpec
 from apactl.errors import ModelError, UserError
 from apactl.models import resolve_model_ref
+from apactl.run_folder import OPERATIONAL
 from apactl.sources import looks_local
 
 
@@ -147,10 +148,9 @@ def load_entry(e: Entry, device, dtype):
 
 # Keys that do not make two runs different configurations (the seed, where they write, how they
 # log): runs equal in everything else are seeds of one configuration.
-NOT_CONFIG = ("run.seed", "run.output_dir", "run.name", "logging.", "run.num_threads",
-              "run.dist_timeout_s", "run.device", "train.save_every", "train.keep_checkpoints",
-              "train.log_every", "train.eval_every", "train.eval_prompts", "train.grad_accum",
-              "train.forward_batch_size")
+# Keys that do not make another configuration: the seed, and what a resume may change (how a
+# run is operated: logging, threads, device, checkpoint cadence, offload, ...).
+NOT_CONFIG = ("run.seed", *OPERATIONAL)
 
 
 def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
