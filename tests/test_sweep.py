@@ -232,9 +232,15 @@ def test_failed_run_does_not_stop_the_sweep(fake_apactl):
 
 
 def test_ctrl_c_marks_the_running_run_interrupted(fake_apactl):
-    root = fake_apactl
-    t0 = time.monotonic()
-    res = invoke(TINY, "--grid", "algo.name=ppo,apa", f"run.output_dir={root}")
+    # Python's Ctrl-C handler, also when pytest itself runs in the background (`cmd &` in a
+    # script starts it with SIGINT ignored, and Python then installs no handler).
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        root = fake_apactl
+        t0 = time.monotonic()
+        res = invoke(TINY, "--grid", "algo.name=ppo,apa", f"run.output_dir={root}")
+    finally:
+        signal.signal(signal.SIGINT, old)
     assert res.exit_code == 130 and "error: interrupted" in res.output, res.output
     assert time.monotonic() - t0 < 15  # the child was stopped, not waited for (30 s)
     ppo, apa = json.loads((root / "sweep.json").read_text())["runs"]
