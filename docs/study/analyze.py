@@ -224,6 +224,13 @@ def matched(root: Path) -> dict:
     return out
 
 
+def thirds(group: list[dict], key: str) -> list[float]:
+    """Mean of ``key`` over iterations 1-8, 9-16 and 17-24 (training rows), mean over runs."""
+    return [mean([mean([r[key] for r in run["rows"]
+                        if lo < r["step"] <= lo + 8 and r.get(key) is not None])
+                  for run in group]) for lo in (0, 8, 16)]
+
+
 def summary(gs: dict[str, list[dict]]) -> dict:
     """The numbers behind the verdicts."""
     out: dict = {"configs": {}}
@@ -237,6 +244,11 @@ def summary(gs: dict[str, list[dict]]) -> dict:
             "gold": gold, "proxy": proxy, "kl": kl,
             "train_kl_last5": mean([mean([r["kl/ref_k1"] for r in run["rows"][-5:]])
                                     for run in group]),
+            # Training-batch means over iterations 1-8, 9-16, 17-24 (mean over seeds): does the
+            # KL level off, does the reward fall back?
+            "train_kl_by_third": thirds(group, "kl/ref_k1"),
+            "train_reward_by_third": thirds(group, "reward/score_mean"),
+            "train_entropy_by_third": thirds(group, "policy/entropy"),
             "proxy_peak_step": steps[proxy.index(max(proxy))] if proxy else None}
     return out
 
@@ -326,6 +338,14 @@ def report(root: Path, docs: Path) -> None:
         for k, step in enumerate(c["eval_steps"]):
             md.append(f"| {label} | {step} | {fmt(c['proxy'][k])} | {fmt(c['gold'][k])} | "
                       f"{fmt(c['kl'][k], '.2f')} |")
+    md += ["", "## Training batches by thirds (iterations 1-8 / 9-16 / 17-24, mean over seeds)",
+           "", "| configuration | KL k1 | proxy reward (normalised) | entropy |",
+           "|---|---|---|---|"]
+    for label, c in res["configs"].items():
+        md.append(f"| {label} | " + " | ".join(
+            " / ".join(fmt(x, spec) for x in c[k]) for k, spec in (
+                ("train_kl_by_third", ".2f"), ("train_reward_by_third", ".3f"),
+                ("train_entropy_by_third", ".3f"))) + " |")
     res["matched"] = matched(root)
     md += ["", "## Matched KL (every held-out point of an algorithm at its default lambda: all "
            "learning rates and seeds; linear between the nearest points)", "",
