@@ -231,6 +231,23 @@ def test_failed_run_does_not_stop_the_sweep(fake_apactl):
     assert "error: boom" in (root / "algo.name=awr" / sw.LOG_FILE).read_text()
 
 
+def test_a_second_grid_into_the_same_root_keeps_the_first_ones_record(fake_apactl):
+    root = fake_apactl
+    assert invoke(TINY, "--grid", "algo.name=apa", f"run.output_dir={root}").exit_code == 0
+    res = invoke(TINY, "--grid", "algo.name=apa", "--grid", "run.seed=1",
+                 f"run.output_dir={root}")
+    assert res.exit_code == 0, res.output
+    state = json.loads((root / "sweep.json").read_text())
+    assert [r["name"] for r in state["runs"]] == ["algo.name=apa,run.seed=1"]
+    [first] = state["earlier_runs"]
+    assert (first["name"], first["status"]) == ("algo.name=apa", "finished")
+    # Back to the first grid: its run is current again, the second one becomes earlier.
+    assert invoke(TINY, "--grid", "algo.name=apa", f"run.output_dir={root}").exit_code == 0
+    state = json.loads((root / "sweep.json").read_text())
+    assert [r["name"] for r in state["runs"]] == ["algo.name=apa"]
+    assert [r["name"] for r in state["earlier_runs"]] == ["algo.name=apa,run.seed=1"]
+
+
 def test_ctrl_c_marks_the_running_run_interrupted(fake_apactl):
     # Python's Ctrl-C handler, also when pytest itself runs in the background (`cmd &` in a
     # script starts it with SIGINT ignored, and Python then installs no handler).

@@ -70,12 +70,19 @@ def final_metrics(folder: Path) -> dict[str, Any]:
 
 
 def new_state(plan: Plan, previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    old = {r.get("name"): r for r in (previous or {}).get("runs", []) if isinstance(r, dict)}
+    """This sweep's record; runs that an earlier sweep into the same root recorded and this
+    one does not have (another grid) are kept, as they were, under ``earlier_runs``."""
+    prev = previous or {}
+    records = [r for key in ("runs", "earlier_runs") for r in prev.get(key, [])
+               if isinstance(r, dict)]
+    old = {r.get("name"): r for r in records}
+    current = {r.name for r in plan.runs}
     return {
         "version": SCHEMA_VERSION, "recipe": plan.recipe, "kind": plan.kind,
         "root": str(plan.root), "grid": {a.key: list(a.values) for a in plan.axes},
         "overrides": plan.fixed, "updated": None,
         "runs": [run_record(r, old.get(r.name)) for r in plan.runs],
+        "earlier_runs": [r for name, r in old.items() if name not in current],
     }
 
 
