@@ -38,6 +38,26 @@ def test_runs_differing_only_in_seed_share_a_configuration(tmp_path):
     assert [e.seed for e in entries] == [0, 1, 0, 0]
 
 
+def test_labels_name_only_the_keys_that_tell_configurations_apart(tmp_path):
+    # An algorithm's name implies its defaults (kl.beta, clip, vf_coef): they differ between
+    # APA and PPO but add nothing to "algo.name=ppo".
+    def run(name, algo, kl):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "recipe.yaml").write_text(yaml.safe_dump(
+            {"kind": "align", "run": {"seed": 0}, "algo": algo, "kl": kl}))
+        return Entry(name, str(folder), "policies.0.path", name, run=folder)
+
+    apa = {"anchor": "init", "clip_eps": None, "vf_coef": 1.0}
+    entries = [run("a", {"name": "apa", "lam": 0.1, **apa}, {"beta": 0.0}),
+               run("b", {"name": "apa", "lam": 0.3, **apa}, {"beta": 0.0}),
+               run("c", {"name": "ppo", "lam": None, "anchor": None, "clip_eps": 0.2,
+                         "vf_coef": 0.5}, {"beta": 0.05})]
+    group_configs(entries)
+    assert [e.config for e in entries] == [
+        "algo.name=apa algo.lam=0.1", "algo.name=apa algo.lam=0.3", "algo.name=ppo"]
+
+
 def policy(name, config, seed, score, kl):
     return {"name": name, "config": config, "seed": seed, "step": 10,
             "judges": {"gold": {"mean": score, "diff_vs_baseline": {"mean": score - 1.0}}},

@@ -146,8 +146,6 @@ def load_entry(e: Entry, device, dtype):
         raise ModelError(f"{e.field}: cannot load {e.path}: {first_line(exc)}") from None
 
 
-# Keys that do not make two runs different configurations (the seed, where they write, how they
-# log): runs equal in everything else are seeds of one configuration.
 # Keys that do not make another configuration: the seed, and what a resume may change (how a
 # run is operated: logging, threads, device, checkpoint cadence, offload, ...).
 NOT_CONFIG = ("run.seed", *OPERATIONAL)
@@ -171,9 +169,27 @@ def group_configs(entries: list[Entry]) -> None:
             for run, m in metas.items()}
     varying = sorted({k for s in set(sigs.values()) for k, _ in s
                       if len({dict(t).get(k) for t in set(sigs.values())}) > 1})
+    keys = label_keys([dict(s) for s in set(sigs.values())], varying)
     for e in entries:
         if e.run is None:
             continue
         m = metas[e.run]
-        label = " ".join(f"{k}={m.get(k)}" for k in varying) or e.group.split("/")[0]
-        e.config, e.seed = label, m.get("run.seed")
+        # Unset keys (None: e.g. PPO's clip for an APA run) say nothing: left out of the label.
+        label = " ".join(f"{k}={m.get(k)}" for k in keys if m.get(k) is not None)
+        e.config, e.seed = label or e.group.split("/")[0], m.get("run.seed")
+
+
+def label_keys(sigs: list[dict[str, str]], varying: list[str]) -> list[str]:
+    """The fewest varying keys (greedy, ``algo.name`` first) that tell every configuration
+    apart: an algorithm's name implies its defaults (kl.beta, vf_coef, ...), so APA vs PPO at
+    lambda 0.1 and 0.3 reads ``algo.name=apa algo.lam=0.3``, not every key that differs."""
+    def distinct(keys: list[str]) -> int:
+        return len({tuple(s.get(k) for k in keys) for s in sigs})
+
+    chosen: list[str] = []
+    for k in sorted(varying, key=lambda k: (k != "algo.name", k)):
+        if distinct(chosen) == distinct(varying):
+            break
+        if distinct([*chosen, k]) > distinct(chosen):
+            chosen.append(k)
+    return chosen

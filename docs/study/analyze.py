@@ -115,6 +115,13 @@ def groups(root: Path) -> dict[str, list[dict]]:
     return out
 
 
+def palette(gs: dict[str, list[dict]]) -> dict[str, str]:
+    """One colour per configuration in every figure: apa, ppo, awr first, then the others."""
+    rest = [label for label in gs if label not in ALGOS]
+    return {**{a: f"C{i}" for i, a in enumerate(ALGOS)},
+            **{label: f"C{len(ALGOS) + i}" for i, label in enumerate(rest)}}
+
+
 def plot_curves(gs: dict[str, list[dict]], path: Path) -> None:
     """Training curves per configuration: mean over seeds, the band the seeds span."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -127,7 +134,7 @@ def plot_curves(gs: dict[str, list[dict]], path: Path) -> None:
     fig = Figure(figsize=(11, 7.5), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2).ravel()
-    colors = dict(zip(gs, ["C0", "C1", "C2", "C3", "C4", "C5", "C6"]))
+    colors = palette(gs)
     for ax, (key, title) in zip(axes, panels):
         for label, group in gs.items():
             steps, m, lo, hi = curves(group, key)
@@ -160,12 +167,8 @@ def plot_frontier(gs: dict[str, list[dict]], path: Path) -> None:
             pts = frontier_points(root, algo)
             ax.scatter([p[0] for p in pts], [p[col] for p in pts], s=10, marker="x",
                        color=f"C{i}", alpha=0.35)
-        extra = 3
         for label, group in gs.items():
-            if label in ALGOS:
-                color = f"C{ALGOS.index(label)}"
-            else:
-                color, extra = f"C{extra}", extra + 1
+            color = palette(gs)[label]
             _, kl, _, _ = curves(group, KL)
             _, y, lo, hi = curves(group, key)
             if not kl:
@@ -311,13 +314,25 @@ def grid_table(root: Path) -> list[str]:
     return lines
 
 
+def short_label(config: str) -> str:
+    """apactl eval's configuration label ("algo.name=apa algo.lam=0.3 ...") as the study names
+    it ("apa lam=0.3"; the default lambda unnamed)."""
+    kv = dict(tok.split("=", 1) for tok in config.split() if "=" in tok)
+    algo, lam = kv.get("algo.name", config), kv.get("algo.lam")
+    default = {"apa": 0.1, "awr": 1.0}.get(algo)
+    if lam in (None, "None") or default is None or float(lam) == default:
+        return algo
+    return f"{algo} lam={float(lam):g}"
+
+
 def eval_table(configs: list[dict]) -> list[str]:
     """apactl eval's per-configuration figures (mean over seeds [95% t-interval])."""
     lines = ["| configuration | seeds | proxy | gold | gold diff vs pi_init | KL k1 | KL k3 | "
              "entropy | tokens | distinct-2 |", "|---|---|---|---|---|---|---|---|---|---|"]
     for c in configs:
         lines.append(
-            f"| {c['config']} | {len(c['seeds'])} | {interval(c['judges']['proxy'])} | "
+            f"| {short_label(c['config'])} | {len(c['seeds'])} | "
+            f"{interval(c['judges']['proxy'])} | "
             f"{interval(c['judges']['gold'])} | {interval(c['diff_vs_baseline']['gold'], '+.3f')}"
             f" | {interval(c['kl_k1'], '.2f')} | {interval(c['kl_k3'], '.2f')} | "
             f"{interval(c['entropy'])} | {interval(c['length_mean'], '.1f')} | "

@@ -24,11 +24,15 @@ if has grid; then
 fi
 # The best learning rate of each algorithm by the PROXY reward on held-out prompts (never the
 # gold judge), then seeds 1 and 2 at that rate.
+# Seed-major order: every algorithm has seed 1 before any has seed 2 (a cut-short study stays
+# balanced).
 if has seeds; then
-  for algo in ${ALGOS:-apa ppo awr}; do
-    lr=$(python3 docs/study/analyze.py best-lr $OUT/grid $algo)
-    apactl sweep $R/align.yaml --grid run.seed=1,2 algo.name=$algo train.lr=$lr \
-      run.output_dir=$OUT/seeds-$algo train.keep_checkpoints=0 "${QUIET[@]}"
+  for seed in 1 2; do
+    for algo in ${ALGOS:-apa ppo awr}; do
+      lr=$(python3 docs/study/analyze.py best-lr $OUT/grid $algo)
+      apactl sweep $R/align.yaml --grid run.seed=$seed algo.name=$algo train.lr=$lr \
+        run.output_dir=$OUT/seeds-$algo train.keep_checkpoints=0 "${QUIET[@]}"
+    done
   done
 fi
 # APA's lambda (KL level) and AWR at a small lambda, seed 0, at their best learning rates.
