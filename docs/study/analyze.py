@@ -218,7 +218,7 @@ MATCHED_KL = (2.0, 5.0, 15.0, 25.0)
 
 def matched(root: Path, reps: int = 2000, seed: int = 0) -> dict:
     """Gold and proxy of each algorithm at equal KLs from a + b*sqrt(KL) fitted to its frontier
-    points; 95% intervals and the APA - PPO / APA - AWR differences by bootstrapping the points
+    points; 95% intervals and the pairwise differences by bootstrapping the points
     (each algorithm's points resampled independently)."""
     import random
 
@@ -248,12 +248,12 @@ def matched(root: Path, reps: int = 2000, seed: int = 0) -> dict:
                                            "ci": ci([at(f, kl, col) for f in boot[algo]])}
                                     for name, col in (("gold", 1), ("proxy", 2))}
                         for kl in MATCHED_KL}}
-    for other in ("ppo", "awr"):
-        if "apa" in out and other in out:
-            out[f"apa-{other}"] = {f"{kl:g}": {name: {
-                "value": at(out["apa"]["fit"], kl, col) - at(out[other]["fit"], kl, col),
+    for one, other in (("apa", "ppo"), ("apa", "awr"), ("ppo", "awr")):
+        if one in out and other in out:
+            out[f"{one}-{other}"] = {f"{kl:g}": {name: {
+                "value": at(out[one]["fit"], kl, col) - at(out[other]["fit"], kl, col),
                 "ci": ci([at(f, kl, col) - at(g, kl, col)
-                          for f, g in zip(boot["apa"], boot[other])])}
+                          for f, g in zip(boot[one], boot[other])])}
                 for name, col in (("gold", 1), ("proxy", 2))} for kl in MATCHED_KL}
     return out
 
