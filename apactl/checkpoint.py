@@ -160,9 +160,7 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
 
         set_peft_model_state_dict(model, load_file(adapter))
         return
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        state.update(load_file(f))
+    state = read_weights(folder)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # shape mismatch: another architecture
@@ -173,6 +171,16 @@ def load_weights(model: torch.nn.Module, folder: str | Path) -> None:
         raise RunFolderError(
             f"{folder}: does not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
             f"unexpected {sorted(unexpected)[:3]}")
+
+
+def read_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a saved model folder's safetensors files (shards merged), on the CPU."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(f))
+    return state
 
 
 def is_tied(model: torch.nn.Module, key: str) -> bool:

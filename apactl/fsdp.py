@@ -104,12 +104,8 @@ def full_weights_everywhere(model: torch.nn.Module) -> dict[str, Any]:
 def load_full_weights(model: torch.nn.Module, folder) -> None:
     """Load a saved model folder (safetensors, unsharded) into a sharded ``model``; every rank
     reads the files. A tied LM head is not in the files and stays tied."""
-    from pathlib import Path
-
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        state.update(load_file(f))
-    set_model_state_dict(model, state, options=_options(strict=False))
+    from apactl.checkpoint import read_weights
+
+    set_model_state_dict(model, read_weights(folder), options=_options(strict=False))
