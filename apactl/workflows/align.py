@@ -34,6 +34,8 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     if not sharded:  # an FSDP unit needs one dtype: sharded models keep fp32 throughout
         p.store_frozen(policy)
     offload = _offload(recipe, rt)
+    if offload is not None and not offload.active:
+        console.print("train.offload_frozen: the device is the CPU; nothing to offload")
     # Each frozen model goes to the host as soon as it is loaded: the GPU holds one at a time.
     ref = load_reference(policy, recipe.policy, rt.device, p.frozen_dtype)
     if offload is not None:
@@ -51,45 +53,45 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
         raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
                         "so it cannot value policy tokens; set critic.init=policy")
     eos = eos_ids(policy, tok)
+    reuse = _trunk_reuse(recipe, sharded)
     if sharded:
-        return _sharded_actors(recipe, rt, policy, ref, critic, judge, tok, eos, offload)
-    forwards = plan_forwards(policy, ref, critic, tr.freeze_bottom_layers, critic_k,
-                             tr.reuse_frozen_trunk and not tr.offload_frozen,
+        return _sharded_actors(rt, policy, ref, critic, judge, tok, eos, offload)
+    forwards = plan_forwards(policy, ref, critic, tr.freeze_bottom_layers, critic_k, reuse,
                              getattr(judge, "model", None),
                              warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
     return Actors(policy, ref, critic, judge, tok, eos, rt.device, forwards,
                   sampler=_sampler(policy, rt), offload=offload)
 
 
-def _offload(recipe: AlignRecipe, rt: Runtime, notices: bool = True):
+def _offload(recipe: AlignRecipe, rt: Runtime):
     """``train.offload_frozen``: an ``Offload`` for frozen models, or None."""
-    tr = recipe.train
-    if not tr.offload_frozen:
+    if not recipe.train.offload_frozen:
         return None
     from apactl.offload import Offload
 
-    if not notices:
-        return Offload(rt.device)
-    if tr.reuse_frozen_trunk and tr.freeze_bottom_layers > 0:
-        console.print("train.offload_frozen: train.reuse_frozen_trunk is off (the shared trunk "
-                      "would keep the reference's layers on the device)")
-    if rt.device.type == "cpu":
-        console.print("train.offload_frozen: the device is the CPU; nothing to offload")
     return Offload(rt.device)
 
 
-def _sharded_actors(recipe: AlignRecipe, rt: Runtime, policy, ref, critic, judge, tok,
-                    eos, offload) -> Actors:
+def _trunk_reuse(recipe: AlignRecipe, sharded: bool) -> bool:
+    """``train.reuse_frozen_trunk`` as asked, unless sharding or offloading rules it out (said
+    once, with every reason)."""
+    tr = recipe.train
+    why = [reason for on, reason in (
+        (sharded, "run.strategy=fsdp: sharded layers are not shared with the reference"),
+        (tr.offload_frozen, "train.offload_frozen: the shared trunk would keep the reference's "
+                            "layers on the device")) if on]
+    if why and tr.reuse_frozen_trunk and tr.freeze_bottom_layers > 0:
+        console.print(f"train.reuse_frozen_trunk is off ({'; '.join(why)})")
+    return tr.reuse_frozen_trunk and not why
+
+
+def _sharded_actors(rt: Runtime, policy, ref, critic, judge, tok, eos, offload) -> Actors:
     """run.strategy=fsdp: policy and critic sharded per layer (FSDP2); the frozen reference and
     reward model replicated. Sharded modules cannot be shared with unsharded ones, so the
     frozen-trunk reuse is off (plain forwards)."""
     from apactl.fsdp import shard_model
     from apactl.rl.forward import PlainForwards
 
-    tr = recipe.train
-    if tr.reuse_frozen_trunk and tr.freeze_bottom_layers > 0 and not tr.offload_frozen:
-        console.print("run.strategy=fsdp: train.reuse_frozen_trunk is off (sharded layers are "
-                      "not shared with the reference)")
     sampler = _sampler(policy, rt)  # a local 16-bit copy (CUDA), made before sharding
     shard_model(policy, rt.precision)
     shard_model(critic, rt.precision)
@@ -134,14 +136,13 @@ def _eval_judges(recipe: AlignRecipe, rt: Runtime) -> tuple[dict[str, Any], Any]
     """The evaluation-only judges, and an ``Offload`` of their models (offload_frozen)."""
     from apactl.judges import build_judge
 
-    offload = _offload(recipe, rt, notices=False)
+    offload = _offload(recipe, rt)
     judges = {}
     for j in recipe.eval_judges:
         judges[j.key] = build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype)
         if offload is not None:
             offload.add(getattr(judges[j.key], "model", None))
     return judges, offload
-
 
 
 def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optimization:
