@@ -252,16 +252,19 @@ def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
     settings, and the scores of the evaluation-only judges (``eval/<label>_mean``)."""
     batch, step = run.held_out[:run.plan.eval_prompts], run.plan.rollout_batch_size
     timer = Timer(run.hooks.wrap)
-    scores, k1, extra = [], [], {k: [] for k in run.eval_judges}
+    scores, k1, answers = [], [], []
     for i in range(0, len(batch), step):
         part = batch[i:i + step]
         ro, texts, _ = collect_rollout(run.actors, part, run.rollout, timer, Stream.ALIGN_EVAL,
                                        (it, i), _rollout_dist(run))
         scores.append(ro.scores.cpu())
         k1.append(kl_estimates(ro.old_logprobs, ro.ref_logprobs, ro.response_mask)["k1"].cpu())
-        with run.eval_offload.on_device() if run.eval_offload else contextlib.nullcontext():
-            for key, judge in run.eval_judges.items():
-                extra[key] += judge.score([p["messages"] for p in part], texts)
+        answers += texts
+    # The evaluation-only judges score every answer at once: offloaded, they visit the device
+    # once per evaluation.
+    with run.eval_offload.on_device() if run.eval_offload else contextlib.nullcontext():
+        extra = {k: judge.score([p["messages"] for p in batch], answers)
+                 for k, judge in run.eval_judges.items()}
     out = {"eval/score_mean": torch.cat(scores).mean().item(),
            "eval/kl_k1": torch.cat(k1).mean().item()}
     out.update({f"eval/{k}_mean": sum(v) / len(v) for k, v in extra.items() if v})
