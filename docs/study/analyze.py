@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 ALGOS = ("apa", "ppo", "awr")
+DEFAULT_LAM = {"apa": 0.1, "awr": 1.0}  # the recipe's lambda; other values are extra runs
 # Held-out evaluation points inside each run (train.eval_every): proxy = the RM the run trained
 # on, gold = the sentiment judge that labelled the RM's data (never trained on).
 PROXY, GOLD, KL = "eval/score_mean", "eval/gold_mean", "eval/kl_k1"
@@ -107,7 +108,7 @@ def groups(root: Path) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for run in runs(root):
         algo, lr, lam = config_of(run)
-        default = {"apa": 0.1, "awr": 1.0}.get(algo)
+        default = DEFAULT_LAM.get(algo)
         if lr != chosen[algo]:
             continue
         label = algo if algo == "ppo" or lam == default else f"{algo} lam={lam:g}"
@@ -190,7 +191,7 @@ def frontier_points(root: Path, algo: str) -> list[tuple[float, float, float]]:
     """Every held-out evaluation point (KL, gold, proxy) of ``algo`` at its default lambda:
     all grid learning rates and all seeds. Learning rates reach different KLs, so together they
     trace the reward-KL frontier the matched-KL comparison reads."""
-    default = {"apa": 0.1, "awr": 1.0}.get(algo)
+    default = DEFAULT_LAM.get(algo)
     pts = []
     for run in runs(root):
         a, _, lam = config_of(run)
@@ -319,7 +320,7 @@ def short_label(config: str) -> str:
     it ("apa lam=0.3"; the default lambda unnamed)."""
     kv = dict(tok.split("=", 1) for tok in config.split() if "=" in tok)
     algo, lam = kv.get("algo.name", config), kv.get("algo.lam")
-    default = {"apa": 0.1, "awr": 1.0}.get(algo)
+    default = DEFAULT_LAM.get(algo)
     if lam in (None, "None") or default is None or float(lam) == default:
         return algo
     return f"{algo} lam={float(lam):g}"
