@@ -308,3 +308,105 @@ def test_maxlen_warning_needs_five_iterations_without_an_end(eos_rates, warned):
     assert said == ([
         "responses never end before generation.max_new_tokens=32: raise it if answers should "
         "be complete; short, cut answers are fine for a quick run"] if warned else [])
+
+
+# ------------------------------------------------- 5. inputs that look valid (issue 20)
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """An SFT-like run folder (a causal LM in final/) and a reward model (a sequence classifier
+    with its score head; reward_stats.json written per test)."""
+    from apactl.models import load_sequence_classifier, save_model
+    from apactl.testing import save_tiny_model
+
+    root = tmp_path_factory.mktemp("inputs")
+    sft_run = root / "sft-run"
+    save_tiny_model(sft_run / "final")
+    model, tok = load_sequence_classifier(str(sft_run), "cpu", torch.float32, trainable=False)
+    rm = save_model(model, tok, root / "rm")
+    return {"sft": sft_run, "rm": rm}
+
+
+ALIGN_FAST = ["train.iterations=1", "train.rollout_batch_size=4", "train.minibatch_size=4",
+              "data.max_rows=8", "generation.max_new_tokens=4", *QUIET]
+
+
+def reward_model_recipe(tmp_path, kind: str, key: str, path) -> str:
+    """recipes/tiny/<kind>.yaml with ``<key>: {name: reward-model, path: PATH}`` (the toy
+    judge's args cannot be removed by an override)."""
+    import yaml
+
+    data = yaml.safe_load((TINY / f"{kind}.yaml").read_text())
+    data[key] = {"name": "reward-model", "path": str(path)}
+    recipe = tmp_path / f"{kind}.yaml"
+    recipe.write_text(yaml.safe_dump(data))
+    return str(recipe)
+
+
+@pytest.mark.parametrize("kind, overrides, field", [
+    ("align", ["reward={sft}"], "reward.path"),
+    ("align", ["reward=tiny-random", "critic.init=reward"], "reward.path"),
+    ("align", ["eval_judges=[{name: reward-model, path: '{sft}'}]"], "eval_judges.0.path"),
+    ("align", ["critic.init={sft}"], "critic.init"),
+    ("eval", ["judges=[{name: reward-model, path: '{sft}'}]"], "judges.0.path"),
+    ("label", ["judge={sft}"], "judge.path"),
+])
+def test_a_causal_lm_is_not_accepted_as_a_reward_model(tmp_path, folders, kind, overrides,
+                                                       field):
+    # Before: loaded as a sequence classifier with a random score head, exit 0, no word.
+    out = tmp_path / "out"
+    extra = ALIGN_FAST if kind == "align" else QUIET
+    overrides = [o.replace("{sft}", str(folders["sft"])) for o in overrides]
+    recipe = TINY / f"{kind}.yaml"
+    key, _, path = overrides[0].partition("=")
+    if key in ("reward", "judge"):  # a reward-model judge in place of the toy one
+        recipe = reward_model_recipe(tmp_path, kind, key, path)
+        overrides.pop(0)
+    res = cli(kind, recipe, f"run.output_dir={out}", *extra, *overrides)
+    line = one_error_line(res)
+    assert line.startswith(f"error: {field}: "), line
+    assert "a causal LM (LlamaForCausalLM), not a reward model" in line, line
+    assert not (out / "final").exists()
+
+
+@pytest.mark.parametrize("stats, expected", [
+    (None, "no reward_stats.json"),
+    ("{not json", "malformed, not JSON"),
+    ("[1, 2]", "malformed: expected an object"),
+    ('{"mean": 0.1}', "malformed: std is None, expected a number"),
+    ('{"mean": 0.1, "std": "1"}', "malformed: std is '1', expected a number"),
+    ('{"mean": 0.1, "std": 0.0}', "std is 0.0: the scores cannot be normalised"),
+    ('{"mean": 0.1, "std": NaN}', "std is nan, not a finite number"),
+    ('{"mean": Infinity, "std": 1.0}', "mean is inf, not a finite number"),
+])
+def test_reward_stats_that_cannot_normalise_are_named(folders, stats, expected):
+    # Before: a missing file silently turned normalisation off; a zero or nan std gave inf/nan
+    # rewards and a divergence message blaming train.lr; malformed JSON was a traceback.
+    from apactl.config import JudgeSpec
+    from apactl.errors import ModelError
+    from apactl.judges import build_judge
+
+    stats_file = folders["rm"] / "reward_stats.json"
+    stats_file.unlink(missing_ok=True)
+    if stats is not None:
+        stats_file.write_text(stats)
+    spec = JudgeSpec(name="reward-model", path=str(folders["rm"]), normalize=True)
+    with pytest.raises(ModelError) as err:
+        build_judge(spec, field="reward")
+    assert str(err.value).startswith(f"reward.path: {folders['rm']}"), err.value
+    assert expected in str(err.value) and "\n" not in str(err.value), err.value
+    # The same folder with sound statistics, or without normalising, is a reward model.
+    stats_file.write_text('{"mean": 0.5, "std": 2.0, "n": 8}')
+    judge = build_judge(spec, field="reward")
+    raw = build_judge(spec.model_copy(update={"normalize": False}), field="reward")
+    msgs = [[{"role": "user", "content": "hi"}]] * 2
+    scores, raw_scores = judge.score_tensor(msgs, ["a", "bb"]), raw.score_tensor(msgs, ["a", "bb"])
+    torch.testing.assert_close(scores, (raw_scores - 0.5) / 2.0)
+
+
+def test_zero_std_reward_stats_stop_align_with_one_line(tmp_path, folders):
+    (folders["rm"] / "reward_stats.json").write_text('{"mean": 0.0, "std": 0.0}')
+    res = cli("align", reward_model_recipe(tmp_path, "align", "reward", folders["rm"]),
+              f"run.output_dir={tmp_path / 'out'}", *ALIGN_FAST)
+    line = one_error_line(res)
+    assert line.startswith("error: reward.path: ") and "std is 0.0" in line, line
+    assert "train.lr" not in res.output

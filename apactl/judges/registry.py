@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from apactl.errors import UserError
+from apactl.errors import ModelError, UserError
 
 if TYPE_CHECKING:
     from apactl.config import JudgeSpec
@@ -110,8 +110,12 @@ def check_judge(name: str, path: str | None, args: dict[str, Any] | None = None)
     _check_args(name, info.factory, args or {})
 
 
-def build_judge(spec: JudgeSpec, device: Any = "cpu", dtype: Any = None) -> Judge:
-    """The judge a ``JudgeSpec`` describes, loaded (a reward model is read from disk)."""
+def build_judge(spec: JudgeSpec, device: Any = "cpu", dtype: Any = None,
+                field: str = "judge") -> Judge:
+    """The judge a ``JudgeSpec`` describes, loaded (a reward model is read from disk).
+
+    ``field``: where the recipe names the judge (``reward``, ``judges.0``, ...); a model that
+    cannot be used is reported as ``<field>.path: ...``."""
     try:
         check_judge(spec.name, spec.path, spec.args)
         factory = _import_path(spec.name) if ":" in spec.name else JUDGES[spec.name].factory
@@ -123,6 +127,8 @@ def build_judge(spec: JudgeSpec, device: Any = "cpu", dtype: Any = None) -> Judg
     names, _ = _takes(factory)
     try:
         return factory(**spec.args, **{k: v for k, v in context.items() if k in names})
+    except ModelError as exc:  # e.g. a causal LM named as a reward model
+        raise ModelError(f"{field}{'.path' if spec.path else ''}: {exc}") from None
     except (TypeError, ValueError) as exc:  # args of the wrong type or value, e.g. chars: 5
         raise UserError(f"judge {spec.name!r}: args {spec.args}: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None

@@ -4,27 +4,58 @@ model may have different tokenizers (the response is decoded to text and re-toke
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from apactl.data import format_for_reward, right_pad
-from apactl.models import load_sequence_classifier, resolve_model_ref, sequence_scores
+from apactl.errors import ModelError
+from apactl.models import (
+    check_trained_head,
+    load_sequence_classifier,
+    resolve_model_ref,
+    sequence_scores,
+)
 
 REWARD_STATS = "reward_stats.json"
 
 
 def load_reward_stats(folder: str | Path) -> dict[str, float] | None:
+    """``{"mean", "std", ...}`` from ``folder/reward_stats.json`` (None when absent). A file
+    that is not that, or a std that is 0 or not finite (scores divided by it would be inf or
+    nan), is a ``ModelError`` naming the file."""
     p = Path(folder) / REWARD_STATS
-    return json.loads(p.read_text()) if p.exists() else None
+    if not p.exists():
+        return None
+    try:
+        stats = json.loads(p.read_text())
+    except (OSError, ValueError) as exc:  # unreadable, not UTF-8, not JSON
+        raise ModelError(f"{p}: malformed, not JSON ({str(exc).splitlines()[0]}); "
+                         "re-run apactl rm to write it") from None
+    if not isinstance(stats, dict):
+        raise ModelError(f"{p}: malformed: expected an object {{mean, std}}, got "
+                         f"{type(stats).__name__}")
+    for key in ("mean", "std"):
+        value = stats.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ModelError(f"{p}: malformed: {key} is {value!r}, expected a number")
+        if not math.isfinite(value):
+            raise ModelError(f"{p}: {key} is {value}, not a finite number")
+    if stats["std"] <= 0:
+        raise ModelError(f"{p}: std is {stats['std']}: the scores cannot be normalised by it "
+                         "(a reward model that gives every reply the same score?)")
+    return stats
 
 
 class RewardModelJudge:
     """Scores ``format_for_reward(messages, response)`` with a sequence classifier.
 
     ``model`` is public: align shares its frozen bottom layers with the critic when they are
-    equal (``accel.trunk.share_bottom``).
+    equal (``accel.trunk.share_bottom``). The folder must hold a trained score head, and with
+    ``normalize`` a valid ``reward_stats.json`` (``ModelError`` otherwise, before any weight
+    is loaded).
     """
 
     name = "reward-model"
@@ -32,14 +63,18 @@ class RewardModelJudge:
     def __init__(self, path: str, device="cpu", dtype=None, batch_size: int = 16,
                  normalize: bool = False, max_len: int = 1024):
         self.path = resolve_model_ref(path, kind="reward")
+        check_trained_head(path, self.path)  # what the folder is, before its stats
+        self.stats = load_reward_stats(self.path) if normalize else None
+        if normalize and self.stats is None:
+            raise ModelError(f"{path}: no {REWARD_STATS} (apactl rm writes it in final/), "
+                             "which normalize: true needs; set normalize=false to use raw scores")
         self.model, self.tokenizer = load_sequence_classifier(
-            self.path, device, dtype or torch.float32, trainable=False)
+            path, device, dtype or torch.float32, trainable=False, trained_head=True)
         self.model.eval()
         self.device = device
         self.batch_size = batch_size
         self.max_len = max_len
-        self.stats = load_reward_stats(self.path)
-        self.normalize = normalize and self.stats is not None
+        self.normalize = normalize
 
     def texts(self, prompts: Sequence, responses: Sequence[str]) -> list[str]:
         return [format_for_reward(self.tokenizer, m, r) for m, r in zip(prompts, responses)]

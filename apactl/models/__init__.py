@@ -18,6 +18,7 @@ from apactl.models.heads import (
     unwrap,
 )
 from apactl.models.loading import (
+    check_trained_head,
     freeze_bottom_layers,
     load_causal_lm,
     load_policy,
@@ -36,7 +37,8 @@ from apactl.models.refs import (
 from apactl.models.saving import count_parameters, save_model, write_model
 
 __all__ = [
-    "ALIASES", "TINY_RANDOM", "GGUFConversion", "ModelError", "backbone", "convert_gguf",
+    "ALIASES", "TINY_RANDOM", "GGUFConversion", "ModelError", "backbone", "check_trained_head",
+    "convert_gguf",
     "convert_gguf_with_info", "count_parameters", "decoder_layers", "find_smollm2_gguf",
     "freeze_bottom_layers", "hidden_states", "last_token_index", "load_causal_lm",
     "load_policy", "load_reference", "load_sequence_classifier", "load_tokenizer",

@@ -7,6 +7,7 @@ Nothing here reads environment variables; paths come in as arguments (the CLI ow
 from __future__ import annotations
 
 import contextlib
+import json
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,21 +205,83 @@ def reference_logits_context(policy, ref_model) -> Iterator[Any]:
                 yield policy
 
 
+# Where transformers' sequence classifiers keep their head (``score`` for decoder LMs).
+HEAD_MODULES = ("score", "classifier")
+NOT_A_SCORER = ("not a reward model (a sequence classifier with a trained score head, "
+                "from apactl rm)")
+
+
+def _architecture(folder: Path) -> str | None:
+    """The first ``architectures`` entry of ``folder/config.json``; None when unreadable."""
+    try:
+        archs = json.loads((folder / "config.json").read_text()).get("architectures")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(archs[0]) if isinstance(archs, list) and archs else None
+
+
+def _weight_names(folder: Path) -> set[str] | None:
+    """The tensor names of ``folder``'s safetensors weights, read from the file headers only
+    (no tensor is loaded); None when the folder has no safetensors weights to read."""
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    try:
+        if index.is_file():
+            return set(json.loads(index.read_text())["weight_map"])
+        single = folder / "model.safetensors"
+        if not single.is_file():
+            return None
+        with safe_open(str(single), framework="pt") as f:
+            return set(f.keys())
+    except Exception:  # noqa: BLE001 - a damaged file: from_pretrained names the problem
+        return None
+
+
+def _has_head(names: set[str] | list[str]) -> bool:
+    return any(n.split(".")[0] in HEAD_MODULES for n in names)
+
+
+def check_trained_head(ref: str, resolved: str) -> None:
+    """Refuse a local folder that is not a sequence classifier holding its head's weights
+    (``ref``: as the user wrote it), before any weight is loaded. A causal LM would otherwise
+    load with a randomly initialised head and score noise, without a word."""
+    folder = Path(resolved)
+    if not folder.is_dir():
+        return  # a hub id: the loaded checkpoint's missing keys are checked instead
+    arch = _architecture(folder)
+    if arch is not None and not arch.endswith("ForSequenceClassification"):
+        what = f"a causal LM ({arch})" if arch.endswith("ForCausalLM") else f"a {arch} model"
+        raise ModelError(f"{ref}: {what}, {NOT_A_SCORER}")
+    names = _weight_names(folder)
+    if names is not None and not _has_head(names):
+        raise ModelError(f"{ref}: its weights hold no score head ({arch or 'no architecture'}"
+                         f"), {NOT_A_SCORER}")
+
+
 def load_sequence_classifier(ref: str, device: torch.device | str, dtype: torch.dtype,
                              trainable: bool, cfg: ModelConfig | None = None,
-                             freeze_bottom_layers: int = 0, kind: str = "reward"):
+                             freeze_bottom_layers: int = 0, kind: str = "reward",
+                             trained_head: bool = False):
     """``(model, tokenizer)``: a scalar-head classifier (``num_labels=1``) for rewards or values.
 
     From a causal-LM folder the backbone weights are loaded and a new ``score`` head is created;
     from a saved reward-model folder everything is loaded. Any other missing weight is an error
     (a backbone that silently stayed random would train a reward model on noise).
+    ``trained_head``: the head must come from the checkpoint too (a reward model or a saved
+    critic); a folder without one is a ``ModelError`` naming what the folder is.
     """
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
     resolved = resolve_model_ref(ref, cfg.cache_dir if cfg is not None else None, kind=kind)
+    if trained_head:
+        check_trained_head(ref, resolved)
     model, info = _from_pretrained(AutoModelForSequenceClassification, resolved, cfg,
                                    num_labels=1, dtype=dtype, output_loading_info=True)
+    head = sorted(k for k in info["missing_keys"] if k.split(".")[0] in HEAD_MODULES)
+    if trained_head and head:
+        raise ModelError(f"{ref}: the checkpoint has no {head[0]}: {NOT_A_SCORER}")
     missing = sorted(k for k in info["missing_keys"] if not k.startswith("score."))
     if missing:
         raise ModelError(f"{ref}: {len(missing)} backbone weights not found in the checkpoint "

@@ -7,7 +7,7 @@ import copy
 from typing import Any
 
 from apactl.config import AlignRecipe
-from apactl.errors import UserError
+from apactl.errors import ModelError, UserError
 from apactl.hooks import Hooks
 from apactl.metrics import console
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
@@ -40,13 +40,16 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     ref = load_reference(policy, recipe.policy, rt.device, p.frozen_dtype)
     if offload is not None:
         offload.add(ref)
-    judge = build_judge(recipe.reward, device=rt.device, dtype=p.frozen_dtype)
+    judge = build_judge(recipe.reward, device=rt.device, dtype=p.frozen_dtype, field="reward")
     if offload is not None:
         offload.add(getattr(judge, "model", None))
     critic_k = _critic_freeze(recipe)
-    critic, critic_tok = load_sequence_classifier(
-        _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
-        freeze_bottom_layers=critic_k)
+    try:  # a critic from the reward model or a saved critic keeps its trained head
+        critic, critic_tok = load_sequence_classifier(
+            _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
+            freeze_bottom_layers=critic_k, trained_head=recipe.critic.init != "policy")
+    except ModelError as exc:
+        raise ModelError(f"critic.init: {exc}") from None
     if not sharded:
         p.store_frozen(critic)
     if critic_tok.get_vocab() != tok.get_vocab():
@@ -138,8 +141,9 @@ def _eval_judges(recipe: AlignRecipe, rt: Runtime) -> tuple[dict[str, Any], Any]
 
     offload = _offload(recipe, rt)
     judges = {}
-    for j in recipe.eval_judges:
-        judges[j.key] = build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype)
+    for i, j in enumerate(recipe.eval_judges):
+        judges[j.key] = build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype,
+                                    field=f"eval_judges.{i}")
         if offload is not None:
             offload.add(getattr(judges[j.key], "model", None))
     return judges, offload

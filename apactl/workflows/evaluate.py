@@ -82,8 +82,9 @@ def build_judges(recipe: EvalRecipe, rt: Runtime) -> dict[str, Any]:
     judges = {}
     for i, j in enumerate(recipe.judges):
         try:
-            judges[j.key] = build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype)
-        except (OSError, ModelError) as exc:
+            judges[j.key] = build_judge(j, device=rt.device, dtype=rt.precision.frozen_dtype,
+                                        field=f"judges.{i}")
+        except OSError as exc:
             raise ModelError(f"judges.{i}.path: cannot load {j.path}: {first_line(exc)}") from None
     return judges
 

@@ -64,7 +64,8 @@ def run_label(recipe: LabelRecipe) -> dict[str, float]:
     with setup_run(recipe, trains=False) as rt:
         policy, tok = load_policy(recipe.policy, rt.device, rt.precision.frozen_dtype,
                                   trainable=False)
-        judge = build_judge(recipe.judge, device=rt.device, dtype=rt.precision.frozen_dtype)
+        judge = build_judge(recipe.judge, device=rt.device, dtype=rt.precision.frozen_dtype,
+                            field="judge")
         check_positions(policy, recipe.data.max_prompt_len + recipe.generation.max_new_tokens,
                         "data.max_prompt_len + generation.max_new_tokens")
         train, _, report = load_examples(recipe.data, "prompt")
