@@ -9,24 +9,52 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
-PositiveInt = Annotated[int, Field(gt=0)]
-NonNegInt = Annotated[int, Field(ge=0)]
-PositiveFloat = Annotated[float, Field(gt=0)]
-NonNegFloat = Annotated[float, Field(ge=0)]
-Fraction = Annotated[float, Field(ge=0, le=1)]
+
+def _not_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1: run.num_threads=true would mean one thread.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+def _not_zero(value: Any) -> Any:
+    if value == 0 and not isinstance(value, bool):
+        raise ValueError("expected a period > 0 (unset it, or null, to save only at the end)")
+    return value
+
+
+NotBool = BeforeValidator(_not_bool)
+Int = Annotated[int, NotBool]
+Float = Annotated[float, NotBool]
+PositiveInt = Annotated[int, NotBool, Field(gt=0)]
+NonNegInt = Annotated[int, NotBool, Field(ge=0)]
+PositiveFloat = Annotated[float, NotBool, Field(gt=0)]
+NonNegFloat = Annotated[float, NotBool, Field(ge=0)]
+Fraction = Annotated[float, NotBool, Field(ge=0, le=1)]
+# Every N steps; None (unset) = only at the end. 0 is refused: "every 0 steps" means nothing.
+Period = Annotated[PositiveInt | None, BeforeValidator(_not_zero)]
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: no float of a recipe may be inf or nan (temperature=inf, lam=inf
+    # used to run to exit 0; lr=inf failed only at run time, blaming train.lr).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 # --------------------------------------------------------------------------------------- run
 class RunConfig(Section):
     name: str = "run"
     output_dir: str = "apactl-runs/run"
-    seed: int = 0
+    seed: NonNegInt = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # The compute dtype. auto: bfloat16 on a CUDA device that has it, else float32 (bf16 matmul
     # has no native support on most CPUs: about 100x slower there).
@@ -153,7 +181,7 @@ class TrainConfig(Section):
     grad_accum: PositiveInt = 1  # micro-batch = batch_size / grad_accum
     max_grad_norm: PositiveFloat | None = 1.0
     eval_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
-    save_every: NonNegInt = 0  # optimizer steps; 0 = only at the end
+    save_every: Period = None  # optimizer steps; None = only at the end
     log_every: PositiveInt = 1
     # Checkpoints kept while the run goes on; 0: only the newest, and none once final/ is
     # written (a finished run can then not be extended with --resume; saves disk).
@@ -238,7 +266,7 @@ class SFTRecipe(RecipeBase):
 
 
 class RMLossConfig(Section):
-    margin: float = 0.0  # loss = -log sigmoid(r_chosen - r_rejected - margin)
+    margin: Float = 0.0  # loss = -log sigmoid(r_chosen - r_rejected - margin)
 
 
 class RMRecipe(RecipeBase):
@@ -261,7 +289,7 @@ class GenerationConfig(Section):
     max_new_tokens: PositiveInt = 64
     temperature: PositiveFloat = 1.0
     top_k: NonNegInt = 0  # 0 = disabled
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    top_p: Annotated[float, NotBool, Field(gt=0, le=1)] = 1.0
     # Prompts per generate() call (a "chunk"; chunk j is sampled by rank j % world size with a
     # seed derived from (run.seed, iteration, j)). None: rollout_batch_size / world size (one
     # chunk per rank). Set it to make the samples independent of the world size.
@@ -371,7 +399,7 @@ class PPOConfig(Section):
     """PPO clipped surrogate (Schulman et al. 2017)."""
 
     name: Literal["ppo"] = "ppo"
-    clip_eps: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    clip_eps: Annotated[float, NotBool, Field(gt=0, lt=1)] = 0.2
     # 0.5 for PPO: the critic has its own parameters and optimizer, so the coefficient only
     # rescales critic gradients (before clipping); 0.5 is the common CleanRL/OpenAI default.
     vf_coef: NonNegFloat = 0.5
@@ -394,7 +422,7 @@ AlgoConfig = Annotated[APAConfig | PPOConfig | AWRConfig, Field(discriminator="n
 
 
 class AlignTrainConfig(Section):
-    iterations: Annotated[int, Field(gt=0, le=10_000_000)] = 100
+    iterations: Annotated[int, NotBool, Field(gt=0, le=10_000_000)] = 100
     rollout_batch_size: PositiveInt = 16  # episodes generated per iteration
     minibatch_size: PositiveInt = 8  # episodes per optimizer step
     grad_accum: PositiveInt = 1
@@ -407,7 +435,7 @@ class AlignTrainConfig(Section):
     freeze_bottom_layers: NonNegInt = 0
     eval_every: NonNegInt = 0
     eval_prompts: PositiveInt = 64  # held-out prompts per evaluation (the first N)
-    save_every: NonNegInt = 0
+    save_every: Period = None  # iterations; None = only at the end
     # Checkpoints kept while the run goes on; 0: only the newest, and none once final/ is
     # written (a finished run can then not be extended with --resume; saves disk).
     keep_checkpoints: NonNegInt = 2
@@ -524,7 +552,7 @@ class PolicySpec(Section):
 class EvalConfig(Section):
     samples_per_prompt: PositiveInt = 1
     bootstrap: PositiveInt = 1000  # bootstrap resamples (over prompts) per interval
-    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
+    confidence: Annotated[float, NotBool, Field(gt=0, lt=1)] = 0.95
     batch_size: PositiveInt = 16  # sequences per generation / scoring chunk
     plots: bool = True
 
@@ -588,7 +616,7 @@ class EvalRecipe(RecipeBase):
 
 # ------------------------------------------------------------------------------------ label
 class LabelConfig(Section):
-    samples: Annotated[int, Field(ge=2)] = 2  # responses sampled per prompt
+    samples: Annotated[int, NotBool, Field(ge=2)] = 2  # responses sampled per prompt
     max_prompts: PositiveInt | None = None  # label at most this many (training) prompts
     min_margin: NonNegFloat = 0.0  # drop pairs whose judge gap is <= this
     batch_size: PositiveInt = 16

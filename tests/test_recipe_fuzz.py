@@ -21,6 +21,8 @@ COMMON = [
     ("run.dtype=int8", "run.dtype"),
     ("run.mixed_precision=maybe", "run.mixed_precision"),
     ("run.num_threads=0", "run.num_threads"),
+    ("run.num_threads=true", "run.num_threads: expected a number, not a boolean"),
+    ("run.seed=-1", "run.seed: Input should be greater than or equal to 0"),
     ("run.dist_timeout_s=-5", "run.dist_timeout_s"),
     ("logging.progress=sometimes", "logging.progress"),
     ("logging.nope=1", "logging.nope: unknown key"),
@@ -47,15 +49,24 @@ TRAIN = [  # sft and rm
     ("model.lora.r=0", "model.lora.r"), ("model.lora.dropout=2", "model.lora.dropout"),
     ("model.name_or_path=./nope", "model.name_or_path: file not found"),
     ("run.strategy=zero", "run.strategy"), ("kind=eval", "kind: this is a 'eval' recipe"),
+    ("train.save_every=0", "train.save_every: expected a period > 0"),
+    ("train.lr=inf", "train.lr: Input should be a finite number"),
+    ("train.lr=true", "train.lr: expected a number, not a boolean"),
 ]
 SPECIFIC = {
-    "rm": [("loss.margin=abc", "loss.margin"), ("loss.nope=1", "loss.nope: unknown key")],
+    "rm": [("loss.margin=abc", "loss.margin"), ("loss.nope=1", "loss.nope: unknown key"),
+           ("loss.margin=nan", "loss.margin: Input should be a finite number")],
     "sft": [("data.packing=perhaps", "data.packing")],
     "align": [
         ("algo.name=trpo", "algo.name: unknown algorithm"), ("algo.lam=-1", "algo.lam"),
         ("algo.clip_eps=0.2", "algo.clip_eps: unknown key for this algorithm"),
         ("kl.target=0", "kl.target"), ("gae.gamma=2", "gae.gamma"), ("gae.lam=-0.5", "gae.lam"),
         ("generation.temperature=0", "generation.temperature"),
+        ("generation.temperature=inf", "generation.temperature: Input should be a finite"),
+        ("algo.lam=inf", "algo.lam: Input should be a finite number"),
+        ("kl.beta=inf", "kl.beta: Input should be a finite number"),
+        ("train.lr=nan", "train.lr: Input should be a finite number"),
+        ("train.save_every=0", "train.save_every: expected a period > 0"),
         ("generation.top_k=5", "generation.top_k: align samples the full"),
         ("generation.top_p=0.9", "generation.top_p: align samples the full"),
         ("generation.backend=vllm", "generation.backend"),
@@ -117,3 +128,60 @@ def test_bad_input_is_one_line_exit_2_nothing_written(tmp_path, kind, override, 
     assert len(lines) == 1, lines
     assert expected in lines[0], lines[0]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------ every float, inf and nan
+def _float_fields(model, prefix: str = "", extra: tuple[str, ...] = ()):
+    """(dotted key, overrides that make it valid to set) of every float field of a schema,
+    nested sections and each member of a discriminated union (algo) included."""
+    import types
+    import typing
+
+    from pydantic import BaseModel
+
+    def walk(ann, key, extra):
+        args = typing.get_args(ann)
+        if ann is float:
+            yield key, extra
+        elif isinstance(ann, type) and issubclass(ann, BaseModel):
+            tag = ann.model_fields.get("name")
+            if tag is not None and typing.get_origin(tag.annotation) is typing.Literal:
+                extra = (*extra, f"{key}.name={typing.get_args(tag.annotation)[0]}")
+            yield from _float_fields(ann, f"{key}.", extra)
+        elif typing.get_origin(ann) in (typing.Union, types.UnionType, typing.Annotated):
+            for a in args:
+                yield from walk(a, key, extra)
+        # lists (judges, policies): their element schemas are walked where they are a section
+
+    for name, f in model.model_fields.items():
+        yield from walk(f.annotation, f"{prefix}{name}", extra)
+
+
+def float_cases():
+    from apactl.config import RECIPES
+
+    for kind in KINDS:
+        for key, extra in dict(_float_fields(RECIPES[kind])).items():
+            for value in ("inf", "-inf", "nan"):
+                yield pytest.param(kind, key, extra, value, id=f"{kind}:{key}={value}")
+
+
+FLOAT_CASES = list(float_cases())
+
+
+def test_every_float_field_is_walked():
+    keys = {(c.values[0], c.values[1]) for c in FLOAT_CASES}
+    assert {("align", "algo.lam"), ("align", "algo.clip_eps"), ("align", "kl.beta"),
+            ("align", "reward.clip"), ("rm", "loss.margin"), ("eval", "eval.confidence"),
+            ("label", "label.min_margin"), ("sft", "model.lora.alpha")} <= keys, sorted(keys)
+
+
+@pytest.mark.parametrize("kind, key, extra, value", FLOAT_CASES)
+def test_non_finite_numbers_are_refused_naming_the_field(kind, key, extra, value):
+    from apactl.errors import RecipeError
+    from apactl.recipe import load_recipe
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(TINY / f"{kind}.yaml", [*extra, f"{key}={value}"], check_files=False)
+    assert err.value.problems == [f"{key}: Input should be a finite number, got '{value}'"], \
+        err.value.problems

@@ -410,3 +410,32 @@ def test_zero_std_reward_stats_stop_align_with_one_line(tmp_path, folders):
     line = one_error_line(res)
     assert line.startswith("error: reward.path: ") and "std is 0.0" in line, line
     assert "train.lr" not in res.output
+
+
+@pytest.mark.parametrize("scores, episodes, warned", [
+    ([(0.25, 0.0)], 16, True),                  # every response scored the same
+    ([(1e6, 1e-3)], 16, True),                  # ... up to float noise on a large score
+    ([(0.25, 0.3), (0.25, 0.0), (0.3, 0.0)], 16, True),  # said once
+    ([(0.25, 0.3)] * 5, 16, False),             # a reward that varies
+    ([(0.25, 0.0)], 1, False),                  # one response has no spread to speak of
+])
+def test_a_constant_reward_over_a_rollout_is_warned_once(scores, episodes, warned):
+    # Before: align said nothing when the judge gave every response the same score.
+    from apactl.rl.loop import Warnings
+
+    said: list[str] = []
+    w = Warnings(said.append)
+    for mean, std in scores:
+        w.check({**_iteration_metrics(1.0), "reward/score_mean": mean, "reward/score_std": std},
+                max_new_tokens=32, episodes=episodes)
+    assert len(said) == int(warned), said
+    assert all(f"all {episodes} responses of a rollout got the same score" in m for m in said)
+
+
+def test_align_warns_when_the_reward_is_constant(tmp_path):
+    # A judge that scores every response 0 (helpers.fail_on_rank, on a rank that never exists).
+    res = cli("align", TINY / "align.yaml", f"run.output_dir={tmp_path / 'out'}", *ALIGN_FAST,
+              "reward.name=helpers:fail_on_rank", "reward.args.rank=99")
+    assert res.exit_code == 0, res.output
+    assert res.output.count("all 4 responses of a rollout got the same score (0)") == 1, \
+        res.output

@@ -42,7 +42,7 @@ class LoopPlan:
     iterations: int
     rollout_batch_size: int
     eval_every: int
-    save_every: int
+    save_every: int | None  # None: only at the end
     keep_checkpoints: int
     critic_warmup: int  # iterations that train only the critic
     gamma: float
@@ -134,9 +134,14 @@ class Warnings:
             self.seen.add(key)
             self.emit(msg)
 
-    def check(self, m: dict[str, float], max_new_tokens: int) -> None:
+    def check(self, m: dict[str, float], max_new_tokens: int, episodes: int = 0) -> None:
         """Look at one iteration's metrics (``kl/ref_k1``, ``policy/entropy``,
-        ``response/eos_rate``)."""
+        ``response/eos_rate``, ``reward/score_*`` of its ``episodes`` responses)."""
+        std, mean = m.get("reward/score_std"), m.get("reward/score_mean", 0.0)
+        if episodes > 1 and std is not None and std <= 1e-6 * max(1.0, abs(mean)):
+            self.once("constant", f"all {episodes} responses of a rollout got the same score "
+                      f"({mean:.6g}): the reward gives the policy nothing to learn from (a "
+                      "reward model whose output does not depend on the text?)")
         self.negative_kl_streak = self.negative_kl_streak + 1 if m["kl/ref_k1"] < -0.05 else 0
         if self.negative_kl_streak >= 5:
             self.once("kl", "KL estimate to the reference has been negative for 5 iterations: "
@@ -166,7 +171,7 @@ def run_rl(run: RLRun) -> dict[str, float]:
     try:
         for it in range(start, plan.iterations):
             last = iteration(run, sampler, it, stats)
-            warn.check(last, plan.max_new_tokens)
+            warn.check(last, plan.max_new_tokens, plan.rollout_batch_size)
             if plan.eval_every and (it + 1) % plan.eval_every == 0 and run.held_out:
                 last.update(evaluate_held_out(run, it))
             logger.log(it + 1, last)
