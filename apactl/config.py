@@ -139,6 +139,10 @@ class DataConfig(Section):
     max_prompt_len: PositiveInt = 256
     max_len: PositiveInt = 512
     on_bad_row: Literal["error", "skip"] = "error"
+    # on_bad_row=skip stops the run when more than this fraction of the rows read are bad
+    # (malformed rows; prompts over max_prompt_len are not counted): a mostly-bad file is the
+    # wrong file or the wrong format, not one to train on what is left of.
+    max_bad_fraction: Fraction = 0.1
     # Prompts over max_prompt_len: "error" (a bad row) or "drop_turns" (drop the oldest dialogue
     # turns until it fits; the final user turn is kept).
     truncate_prompt: Literal["error", "drop_turns"] = "error"

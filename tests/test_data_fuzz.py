@@ -238,8 +238,9 @@ def encode(name: str, rows: list[Any]) -> bytes:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    columns = list(dict.fromkeys(k for r in rows for k in r))  # from_pylist keeps row 0's only
     sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pylist(rows), sink)
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]), sink)
     return sink.getvalue().to_pybytes()
 
 
@@ -293,7 +294,9 @@ SKIPPABLE = [c for c in CASES if c.kept is not None]
 @pytest.mark.parametrize("case", SKIPPABLE, ids=[c.id for c in SKIPPABLE])
 def test_skip_drops_only_the_bad_row_and_names_it(tmp_path, case):
     path = write(tmp_path, case)
-    config = DataConfig(source=str(path), on_bad_row="skip", **case.options)
+    # One bad row of 2-4 is over the default limit on what skip may drop (10%): raised here.
+    config = DataConfig(source=str(path), on_bad_row="skip", max_bad_fraction=0.5,
+                        **case.options)
     with pytest.raises(DataError) as err:  # the same message the error mode gives
         load_examples(config.model_copy(update={"on_bad_row": "error"}), case.kind)
     train, held_out, report = load_examples(config, case.kind)
@@ -303,3 +306,60 @@ def test_skip_drops_only_the_bad_row_and_names_it(tmp_path, case):
     assert "\n" not in summary and f"1 bad row skipped: row {case.row} (" in summary, summary
     if case.field_name is not None:
         assert f"row {case.row} (field '{case.field_name}': " in summary, summary
+
+
+# ------------------------------------------------- format by agreement (issue 20, item 2)
+def mixed_rows() -> list[dict]:
+    """40 sft rows with 8 preference rows among them (source rows 20-27)."""
+    sft = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(40)]
+    pref = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)]
+    return sft[:20] + pref + sft[20:]
+
+
+MIXED_FILES = ("p.jsonl", "p.csv", "p.parquet")
+
+
+@pytest.mark.parametrize("name", MIXED_FILES)
+def test_a_few_rows_of_another_shape_do_not_flip_the_format(tmp_path, name):
+    # Before: the union of the columns made the file 'preference'; error mode blamed valid row
+    # 0, skip mode dropped the 40 sft rows and trained on the other 8 (exit 0).
+    path = write(tmp_path, Case("mixed", "sft", name, mixed_rows(), ""))
+    with pytest.raises(DataError) as err:  # error mode: the first row that disagrees
+        load_examples(DataConfig(source=str(path)), "sft")
+    assert str(err.value).startswith(f"{path}: row 20: field 'response': "), err.value
+    with pytest.raises(DataError) as err:  # skip mode: 8 of 48 is over the 10% limit
+        load_examples(DataConfig(source=str(path), on_bad_row="skip"), "sft")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(
+        f"{path}: 8 of 48 rows are bad (17%), more than data.max_bad_fraction=0.1 that "
+        "on_bad_row=skip may drop (format 'sft' (detected: 40 of 48 rows; row 20 looks "
+        "'preference'); first: row 20 (field 'response': "), message
+    # A higher limit keeps the majority: the 40 sft rows, never the 8 others.
+    train, _, report = load_examples(
+        DataConfig(source=str(path), on_bad_row="skip", max_bad_fraction=0.2), "sft")
+    assert [e.row for e in train] == [*range(20), *range(28, 48)]
+    assert report.format == "sft" and report.n_skipped == 8
+    assert report.format_note() == ("format 'sft' (detected: 40 of 48 rows; row 20 looks "
+                                    "'preference')")
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_majority_format_that_cannot_give_the_kind_is_one_line(tmp_path, mode):
+    path = write(tmp_path, Case("mixed", "preference", "p.jsonl", mixed_rows(), ""))
+    with pytest.raises(DataError) as err:
+        load_examples(DataConfig(source=str(path), on_bad_row=mode), "preference")
+    assert str(err.value) == (
+        f"{path}: row 0: field 'chosen': missing; columns: prompt, response (format 'sft' "
+        "(40 of 48 rows) cannot give preference examples)")
+
+
+def test_the_format_line_says_how_it_was_decided(tmp_path):
+    from apactl.workflows.common import data_summary
+
+    path = write(tmp_path, Case("sft", "sft", "p.jsonl", [SFT] * 5, ""))
+    _, _, report = load_examples(DataConfig(source=str(path)), "sft")
+    assert data_summary(report, 5, 0) == (
+        f"data: {path} (format 'sft' (detected: 5 of 5 rows)): 5 train / 0 held-out examples")
+    _, _, report = load_examples(DataConfig(source=str(path), format="sft"), "sft")
+    assert data_summary(report, 5, 0) == (
+        f"data: {path} (format 'sft'): 5 train / 0 held-out examples")

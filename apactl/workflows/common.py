@@ -6,9 +6,11 @@ from typing import Any
 
 
 def data_summary(report: Any, n_train: int, n_eval: int, what: str = "examples") -> str:
-    """``data: SOURCE: N train / M held-out examples; 3 bad rows skipped: row 4 (...), ...``
+    """``data: SOURCE (format 'sft' (detected: 40 of 40 rows)): N train / M held-out examples;
+    3 bad rows skipped: row 4 (...), ...``
     (``report``: the ``DataReport`` that loading and tokenising filled)."""
-    msg = f"data: {report.source}: {n_train} train / {n_eval} held-out {what}"
+    msg = (f"data: {report.source} ({report.format_note()}): {n_train} train / {n_eval} "
+           f"held-out {what}")
     return msg + (f"; {report.skipped_summary()}" if report.n_skipped else "")
 
 

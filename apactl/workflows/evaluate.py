@@ -68,7 +68,8 @@ def eval_prompts(recipe: EvalRecipe, tok) -> tuple[list[dict], str]:
     chosen = held if held_out else train
     items, _ = tokenize_prompts(tok, fit_prompts(tok, chosen, d), d.max_prompt_len,
                                 d.on_bad_row, report.source, report)
-    console.print(f"data: {report.source}: {len(items)} {'held-out ' if held_out else ''}"
+    console.print(f"data: {report.source} ({report.format_note()}): {len(items)} "
+                  f"{'held-out ' if held_out else ''}"
                   "prompts" + (f"; {report.skipped_summary()}" if report.n_skipped else ""))
     if not items:
         raise UserError(f"data.source: no usable eval prompts in {report.source}")
