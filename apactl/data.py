@@ -122,6 +122,8 @@ class DataReport:
     n_eval: int = 0
     skipped_errors: list[DataError] = field(default_factory=list, repr=False)  # the same rows
     detected: FormatVote | None = None  # data.format: auto: how the format was decided
+    n_duplicates: int = 0  # training rows equal to an earlier training row
+    n_eval_copies: int = 0  # held-out rows equal to a training row
 
     def skip(self, err: DataError) -> None:
         """Count a dropped row; the first MAX_REPORTED are kept to say which rows they were."""
@@ -296,8 +298,14 @@ def _file_bytes(path: Path) -> bytes:
         return data
     try:
         return gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as exc:  # not gzip, truncated or corrupt
-        raise _BadFile(f"not a valid gzip file: {_root_message(exc)}") from None
+    except EOFError:
+        raise _BadFile("corrupt gzip file: truncated (the compressed data stops before its "
+                       "end)") from None
+    except (OSError, zlib.error) as exc:  # not gzip at all, or damaged data (CRC, bad block)
+        why = _root_message(exc)
+        if why.startswith("Not a gzipped file"):
+            raise _BadFile(f"not a valid gzip file: {why}") from None
+        raise _BadFile(f"corrupt gzip file: {why}") from None
 
 
 # Undecodable bytes are decoded to lone surrogates (U+DC80..U+DCFF, "surrogateescape") so rows
@@ -470,7 +478,8 @@ def _csv_records(text: str) -> list[tuple[int, list[str]]]:
 def _blank_record(cells: list[str]) -> bool:
     # An empty line gives [] and a whitespace-only one a single blank cell; a quoted empty cell
     # ('""', what a writer puts out for an empty one-column row) gives [""], which is a row.
-    return not cells or (len(cells) == 1 and cells[0] != "" and not cells[0].strip())
+    # Only ASCII blanks make a blank line: a cell of U+00A0 is a row (an empty prompt).
+    return not cells or (len(cells) == 1 and cells[0] != "" and not cells[0].strip(" \t"))
 
 
 def _csv_rows(text: str, raw: bool) -> list[Any]:
@@ -523,12 +532,22 @@ def _key_list(mapping: dict[str, Any], limit: int = 12) -> str:
     return ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "") or "none"
 
 
+# Characters that show nothing: str.strip() removes Unicode spaces (U+00A0, U+2003, ...) but
+# not these format characters (zero-width space and joiners, word joiner, BOM).
+_BLANK = re.compile("[\\s\u200b\u200c\u200d\u2060\ufeff]*")
+
+
+def _blank(text: str) -> bool:
+    """Whether ``text`` shows nothing: only whitespace and zero-width characters."""
+    return _BLANK.fullmatch(text) is not None
+
+
 def _text(value: Any, name: str, expected: str = "a string") -> str:
     if value is None:  # a null cell (parquet, JSON null): the column exists
         raise _BadField(name, "missing (null)")
     if not isinstance(value, str):
         raise _BadField(name, f"expected {expected}, got {type(value).__name__}")
-    if not value.strip():
+    if _blank(value):
         raise _BadField(name, "empty text")
     return value
 
@@ -860,8 +879,16 @@ def load_examples(cfg: DataConfig, kind: Kind) -> tuple[list[Example], list[Exam
         raise DataError(f"{source}: no valid training rows ({report.n_skipped} skipped, first: "
                         f"{report.skipped[0] if report.skipped else '-'})")
     report.check_skipped(cfg.max_bad_fraction)
+    seen = {_content(ex) for ex in train}
+    report.n_duplicates = len(train) - len(seen)
+    report.n_eval_copies = sum(_content(ex) in seen for ex in held_out)
     report.n_train, report.n_eval = len(train), len(held_out)
     return train, held_out, report
+
+
+def _content(ex: Example) -> str:
+    """What an example says, without its row number: equal for duplicated rows."""
+    return json.dumps([type(ex).__name__, *(v for k, v in vars(ex).items() if k != "row")])
 
 
 def _with_system(examples: list[Example], system: str) -> list[Example]:

@@ -77,6 +77,11 @@ def _parse_yaml(p: Path):
     try:
         return OmegaConf.load(p)
     except Exception as exc:  # noqa: BLE001 - yaml/omegaconf errors span several lines
+        scalar = re.match(r"Invalid loaded object type: (\w+)", str(exc))
+        if scalar:  # a file holding one value ("42", "hello")
+            raise RecipeError([f"recipe: {p} must be a mapping of sections (kind:, run:, ...) "
+                               f"at the top level, not a single value ({scalar.group(1)})"]) \
+                from None
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         # YAML says "while constructing X / in file, line a / PROBLEM / in file, line b": the
         # problem and where it is are the last two lines.
@@ -108,9 +113,20 @@ def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
     from omegaconf import DictConfig, OmegaConf
 
     p = Path(path)
+    if p.is_dir():
+        raise RecipeError([f"recipe: {p} is a directory; expected a recipe file (.yaml)"])
     if not p.is_file():
         raise RecipeError([f"recipe: file not found: {p}"])
     base = _parse_yaml(p)
+    if isinstance(base, DictConfig) and not base:  # an empty file, only comments, or null
+        raise RecipeError([f"recipe: {p} is empty; expected a mapping of sections (kind:, run:, "
+                           "...)"])
+    if isinstance(base, DictConfig) and len(base) == 1:
+        key, value = next(iter(OmegaConf.to_container(base, resolve=False).items()))
+        if value is None and not any(key in r.model_fields for r in RECIPES.values()):
+            # OmegaConf reads a file holding one word as {word: None}
+            raise RecipeError([f"recipe: {p} must be a mapping of sections (kind:, run:, ...) "
+                               f"at the top level, not a single value ({key!r})"])
     if not isinstance(base, DictConfig):
         raise RecipeError([f"recipe: {p} must be a mapping of sections (kind:, run:, ...) at "
                            f"the top level, not a {type(base).__name__.removesuffix('Config')}"])

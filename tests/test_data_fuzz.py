@@ -82,6 +82,12 @@ CASES: list[Case] = [
              "response", (*TABLE_FORMATS, "p.csv.gz", "p.parquet.gz")),
     *per_row("blank-prompt", "sft", {"prompt": " \t ", "response": "r"}, "empty text", "prompt",
              ("p.jsonl", "p.csv")),
+    *[c for space in ("\u00a0", "\u2003", "\u200b", "\u200b\u00a0\u200b")
+      for c in per_row(f"invisible-prompt-{ord(space[0]):04x}-{len(space)}", "prompt",
+                       {"prompt": space}, "^row 1: field 'prompt': empty text$", "prompt",
+                       ("p.jsonl", "p.csv"))],
+    *per_row("invisible-reply", "preference", {"prompt": "p", "chosen": "\u200b", "rejected": "b"},
+             "empty text", "chosen", ("p.jsonl",)),
     *per_row("null-response", "sft", {"prompt": "p", "response": None},
              r"missing \(null\)", "response", ("p.jsonl", "p.json", "p.parquet")),
     *per_row("int-response", "sft", {"prompt": "p", "response": 42},
@@ -196,7 +202,12 @@ CASES: list[Case] = [
          r"^not a valid gzip file: Not a gzipped file"),
     Case("truncated-gzip", "prompt", "p.csv.gz",
          Raw(gzip.compress(b"prompt\n" + b"x\n" * 500)[:-9]),
-         r"^not a valid gzip file: Compressed file ended before the end-of-stream marker"),
+         r"^corrupt gzip file: truncated \(the compressed data stops before its end\)$"),
+    Case("crc-damaged-gzip", "prompt", "p.jsonl.gz",
+         Raw(gzip.compress(b'{"prompt": "a"}\n' * 50)[:30]
+             + bytes([gzip.compress(b'{"prompt": "a"}\n' * 50)[30] ^ 0xFF])
+             + gzip.compress(b'{"prompt": "a"}\n' * 50)[31:]),
+         r"^corrupt gzip file: "),
     Case("not-parquet", "prompt", "p.parquet", b"prompt\nhello\n",
          r"^cannot read as parquet: Parquet magic bytes not found"),
     Case("gz-of-not-parquet", "sft", "p.parquet.gz", b"hello",
@@ -356,10 +367,31 @@ def test_a_majority_format_that_cannot_give_the_kind_is_one_line(tmp_path, mode)
 def test_the_format_line_says_how_it_was_decided(tmp_path):
     from apactl.workflows.common import data_summary
 
-    path = write(tmp_path, Case("sft", "sft", "p.jsonl", [SFT] * 5, ""))
+    rows = [{"prompt": f"p{i}", "response": "r"} for i in range(5)]
+    path = write(tmp_path, Case("sft", "sft", "p.jsonl", rows, ""))
     _, _, report = load_examples(DataConfig(source=str(path)), "sft")
     assert data_summary(report, 5, 0) == (
         f"data: {path} (format 'sft' (detected: 5 of 5 rows)): 5 train / 0 held-out examples")
     _, _, report = load_examples(DataConfig(source=str(path), format="sft"), "sft")
     assert data_summary(report, 5, 0) == (
         f"data: {path} (format 'sft'): 5 train / 0 held-out examples")
+
+
+def test_duplicated_rows_are_counted_and_held_out_copies_warned(tmp_path):
+    from apactl.workflows.common import data_summary
+
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(8)]
+    rows += [rows[1], rows[2], rows[1]]  # training rows 8-10 repeat rows 1, 2, 1
+    rows += [rows[0], {"prompt": "new", "response": "x"}, rows[3]]  # held out: 2 copies of 3
+    path = write(tmp_path, Case("dups", "sft", "p.jsonl", rows, ""))
+    train, held, report = load_examples(DataConfig(source=str(path), eval_rows=3), "sft")
+    assert (len(train), len(held)) == (11, 3)  # reported, not dropped
+    assert (report.n_duplicates, report.n_eval_copies) == (3, 2)
+    lines = data_summary(report, 11, 3).splitlines()
+    assert lines[0].endswith("; 3 duplicated training rows (kept)"), lines
+    assert lines[1] == ("[yellow]warning:[/] 2 of 3 held-out rows copy a training row: "
+                        "held-out metrics overstate how well the model generalises"), lines
+    _, _, clean = load_examples(DataConfig(source=str(path), max_rows=8), "sft")
+    assert (clean.n_duplicates, clean.n_eval_copies) == (0, 0)
+    assert "\n" not in data_summary(clean, 8, 0)
+    assert "duplicated training" not in data_summary(clean, 8, 0)

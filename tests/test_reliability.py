@@ -216,6 +216,28 @@ def test_bad_recipe_files_are_named(tmp_path):
     assert "must be a mapping" in one_error_line(cli("sft", lst))
 
 
+@pytest.mark.parametrize("content, expected", [
+    ("", "is empty; expected a mapping of sections"),
+    ("# nothing but a comment\n", "is empty; expected a mapping of sections"),
+    ("null\n", "is empty; expected a mapping of sections"),
+    ("42\n", "must be a mapping of sections (kind:, run:, ...) at the top level, not a single "
+              "value (int)"),
+    ("hello\n", "at the top level, not a single value ('hello')"),
+    (None, "is a directory; expected a recipe file (.yaml)"),
+])
+def test_a_recipe_that_is_not_a_mapping_says_what_it_is(tmp_path, content, expected):
+    # Before: "kind: missing", "cannot parse (line ?): Invalid loaded object type: int", and
+    # "file not found" for a directory.
+    path = tmp_path / "recipe.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    line = one_error_line(cli("sft", path))
+    assert line == f"error: recipe: {path} {expected}" or (
+        line.startswith(f"error: recipe: {path} ") and expected in line), line
+
+
 # ---------------------------------------------------------------- 7. silent divergence
 def test_divergence_without_nan_is_warned_once(tmp_path):
     res = sft(tmp_path / "run", "train.lr=1e3", "train.max_steps=24", "train.max_grad_norm=null")

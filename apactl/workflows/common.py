@@ -7,11 +7,20 @@ from typing import Any
 
 def data_summary(report: Any, n_train: int, n_eval: int, what: str = "examples") -> str:
     """``data: SOURCE (format 'sft' (detected: 40 of 40 rows)): N train / M held-out examples;
-    3 bad rows skipped: row 4 (...), ...``
-    (``report``: the ``DataReport`` that loading and tokenising filled)."""
+    3 bad rows skipped: row 4 (...), ...; 2 duplicated training rows (kept)``, and a warning
+    line when held-out rows copy training rows (``report``: the ``DataReport`` that loading and
+    tokenising filled)."""
     msg = (f"data: {report.source} ({report.format_note()}): {n_train} train / {n_eval} "
            f"held-out {what}")
-    return msg + (f"; {report.skipped_summary()}" if report.n_skipped else "")
+    msg += f"; {report.skipped_summary()}" if report.n_skipped else ""
+    if report.n_duplicates:
+        msg += (f"; {report.n_duplicates} duplicated training row"
+                f"{'s' if report.n_duplicates > 1 else ''} (kept)")
+    if report.n_eval_copies:
+        msg += (f"\n[yellow]warning:[/] {report.n_eval_copies} of {report.n_eval} held-out rows "
+                "copy a training row: held-out metrics overstate how well the model "
+                "generalises")
+    return msg
 
 
 def check_positions(model, total: int, what: str) -> None:
