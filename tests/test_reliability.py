@@ -461,3 +461,20 @@ def test_align_warns_when_the_reward_is_constant(tmp_path):
     assert res.exit_code == 0, res.output
     assert res.output.count("all 4 responses of a rollout got the same score (0)") == 1, \
         res.output
+
+
+@pytest.mark.parametrize("mode", ["error", "skip"])
+def test_a_few_preference_rows_do_not_turn_an_sft_file_into_preferences(tmp_path, mode):
+    # Before: read as 'preference' (the union of the columns); error mode blamed valid row 0,
+    # skip mode trained on the 8 preference rows and dropped the 40 sft ones, exit 0.
+    from helpers import write_jsonl
+
+    sft_rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(40)]
+    pref = [{"prompt": f"q{i}", "chosen": f"a{i}", "rejected": f"b{i}"} for i in range(8)]
+    data = write_jsonl(tmp_path / "mixed.jsonl", sft_rows[:20] + pref + sft_rows[20:])
+    line = one_error_line(sft(tmp_path / "out", f"data.source={data}", "data.max_rows=null",
+                              "data.eval_rows=0", f"data.on_bad_row={mode}"))
+    expected = ("row 20: field 'response': missing" if mode == "error" else
+                "8 of 48 rows are bad (17%), more than data.max_bad_fraction=0.1")
+    assert line.startswith(f"error: {data}: {expected}"), line
+    assert not (tmp_path / "out" / "final").exists()

@@ -72,8 +72,8 @@ def run_label(recipe: LabelRecipe) -> dict[str, float]:
         d = recipe.data
         items, _ = tokenize_prompts(tok, fit_prompts(tok, train, d), d.max_prompt_len,
                                     d.on_bad_row, report.source, report)
-        if report.n_skipped:
-            console.print(f"data: {report.skipped_summary()}")
+        console.print(f"data: {report.source} ({report.format_note()}): {len(items)} prompts"
+                      + (f"; {report.skipped_summary()}" if report.n_skipped else ""))
         items = items[: recipe.label.max_prompts]
         labelled = _label_all(policy, tok, judge, items, recipe, eos_ids(policy, tok), rt)
         pairs, chosen, gaps = _pairs(labelled, recipe)
