@@ -478,3 +478,33 @@ def test_a_few_preference_rows_do_not_turn_an_sft_file_into_preferences(tmp_path
                 "8 of 48 rows are bad (17%), more than data.max_bad_fraction=0.1")
     assert line.startswith(f"error: {data}: {expected}"), line
     assert not (tmp_path / "out" / "final").exists()
+
+
+def test_a_classifier_config_over_causal_lm_weights_is_refused(tmp_path, folders,
+                                                               monkeypatch):
+    # config.json says sequence classifier, but the safetensors hold no score head: read from
+    # the file's header, before any weight is loaded.
+    import shutil
+
+    from apactl.config import JudgeSpec
+    from apactl.errors import ModelError
+    from apactl.judges import build_judge
+
+    fake = tmp_path / "fake-rm"
+    shutil.copytree(folders["sft"] / "final", fake)
+    config = json.loads((fake / "config.json").read_text())
+    config["architectures"] = ["LlamaForSequenceClassification"]
+    (fake / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelError) as err:
+        build_judge(JudgeSpec(name="reward-model", path=str(fake)), field="judges.1")
+    assert str(err.value) == (
+        f"judges.1.path: {fake}: its weights hold no score head (LlamaForSequenceClassification)"
+        ", not a reward model (a sequence classifier with a trained score head, from apactl rm)")
+    # Where the folder cannot be read first (a hub id), the loaded checkpoint's missing head
+    # says the same.
+    for module in ("apactl.judges.reward_model", "apactl.models.loading"):
+        monkeypatch.setattr(f"{module}.check_trained_head", lambda ref, resolved: None)
+    with pytest.raises(ModelError) as err:
+        build_judge(JudgeSpec(name="reward-model", path=str(fake)), field="judges.1")
+    assert str(err.value).startswith(
+        f"judges.1.path: {fake}: the checkpoint has no score.weight: not a reward model"), err.value
