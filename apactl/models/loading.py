@@ -205,8 +205,9 @@ def reference_logits_context(policy, ref_model) -> Iterator[Any]:
                 yield policy
 
 
-# Where transformers' sequence classifiers keep their head (``score`` for decoder LMs).
-HEAD_MODULES = ("score", "classifier")
+# Where sequence classifiers keep their head: ``score`` (decoder LMs), ``classifier`` (BERT
+# family), ``classification_head`` (T5, BART), ``v_head`` (value-head checkpoints).
+HEAD_MODULES = ("score", "classifier", "classification_head", "v_head")
 NOT_A_SCORER = ("not a reward model (a sequence classifier with a trained score head, "
                 "from apactl rm)")
 
