@@ -33,7 +33,6 @@ def _not_zero(value: Any) -> Any:
 
 
 NotBool = BeforeValidator(_not_bool)
-Int = Annotated[int, NotBool]
 Float = Annotated[float, NotBool]
 PositiveInt = Annotated[int, NotBool, Field(gt=0)]
 NonNegInt = Annotated[int, NotBool, Field(ge=0)]
