@@ -34,11 +34,15 @@ INSTALL = {"wandb": "pip install 'apactl[wandb]'", "mlflow": "pip install 'apact
 DEFAULT_PROJECT = "apactl"
 
 
+def installed(module: str) -> bool:
+    """``module`` can be imported (``find_spec``: nothing is imported, nothing is slow)."""
+    return importlib.util.find_spec(module) is not None
+
+
 def missing_trackers(report_to: list[str]) -> list[str]:
-    """``logging.report_to: X is not installed ...`` per optional tracker that is absent
-    (``find_spec``: nothing is imported, so checking costs no start-up time)."""
+    """``logging.report_to: X is not installed ...`` per optional tracker that is absent."""
     return [f"logging.report_to: {name} is not installed; install it with `{INSTALL[name]}`"
-            for name in report_to if name in INSTALL and importlib.util.find_spec(name) is None]
+            for name in report_to if name in INSTALL and not installed(name)]
 
 
 def algorithm(recipe: dict[str, Any]) -> str:
