@@ -18,6 +18,7 @@ from typing import Any
 CARD = "README.md"
 RECIPE = "recipe.yaml"
 EVAL_START, EVAL_END = "<!-- apactl-eval:start -->", "<!-- apactl-eval:end -->"
+EVAL_CONFIG = "apactl-eval"  # model-index metric config of the entries apactl eval writes
 # Metrics a card shows first when the run logged them; then every other train/* and eval/*.
 KEY_METRICS = ("reward/score_mean", "kl/ref_k1", "policy/entropy", "response/length_mean",
                "train/loss", "train/accuracy")
@@ -270,12 +271,14 @@ def update_card(folder: Path, model_name: str, results: list[dict[str, Any]],
         return False
     card = ModelCard.load(path)
     data = card.data
-    kept = [e for e in (data.eval_results or []) if e.source_name != "apactl eval"]
+    # Entries an earlier apactl eval wrote are replaced; anyone else's are kept.
+    kept = [e for e in (data.eval_results or [])
+            if e.metric_config != EVAL_CONFIG]
     data.eval_results = kept + [
         EvalResult(task_type="text-generation", dataset_type=r["dataset"],
                    dataset_name=r["dataset"], metric_type=r["judge"],
                    metric_name=f"{r['judge']} (mean score)", metric_value=r["value"],
-                   source_name="apactl eval") for r in results]
+                   metric_config=EVAL_CONFIG) for r in results]
     data.model_name = data.model_name or model_name
     text = card.text
     if EVAL_START in text and EVAL_END in text:

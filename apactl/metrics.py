@@ -94,6 +94,26 @@ def _warn(msg: str) -> None:
     console.print(f"[yellow]warning:[/] {msg}")
 
 
+def report_results(output_dir: str | Path, logging: Any, recipe: dict[str, Any],
+                   metrics: dict[str, float], files: list[Path],
+                   table: tuple[list[str], list[list[Any]]] | None = None) -> None:
+    """A command without training steps (``apactl eval``): its figures (at step 0), result
+    files and summary table to the W&B / MLflow trackers of ``logging.report_to`` (a new
+    tracker run each time). TensorBoard has no place for files and tables: the report in the
+    folder is the record."""
+    names = [t for t in logging.trackers if t != "tensorboard"]
+    if not names:
+        return
+    from apactl.trackers import TrackerRun, Trackers
+
+    trackers = Trackers(TrackerRun(Path(output_dir), recipe), names, warn=_warn)
+    try:
+        trackers.log(0, metrics)
+        trackers.artifacts(files, table)
+    finally:
+        trackers.close()
+
+
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     p = Path(path)
     if p.is_dir():
