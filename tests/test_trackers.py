@@ -237,3 +237,30 @@ def test_sweep_groups_its_tracked_runs(tmp_path, monkeypatch):
         assert run.overrides[:2] == ["logging.group=study", f"run.name={run.name}"]
     plain = plan_sweep(str(TINY / "align.yaml"), ["algo.name=apa"], [f"run.output_dir={root}"])
     assert not any(o.startswith("logging.group") for o in plain.runs[0].overrides)
+
+
+def test_eval_sends_its_figures_table_and_files_to_mlflow(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = tmp_path / "eval"
+    res = cli("eval", TINY / "eval.yaml", f"run.output_dir={out}", "--judge", "length",
+              "eval.bootstrap=50", "data.max_rows=16", "data.eval_rows=4",
+              "generation.max_new_tokens=8", "logging.progress=false", "run.num_threads=1",
+              "logging.report_to=[mlflow]")
+    assert res.exit_code == 0, res.output
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("apactl").experiment_id])
+    assert run.info.run_name == "tiny-eval" and run.data.tags["apactl.kind"] == "eval"
+    files = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.md", "report.json", "samples.jsonl", "frontier.png",
+            "eval_summary.json"} <= files
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert run.data.metrics["tiny/length_mean"] == report["policies"][1]["judges"]["length"]["mean"]
+    table = json.loads(open(client.download_artifacts(run.info.run_id, "eval_summary.json",
+                                                      str(tmp_path))).read())
+    assert [r[0] for r in table["data"]] == ["init (baseline)", "tiny"]
