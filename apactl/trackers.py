@@ -190,7 +190,14 @@ class MLflow:
         from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
         from mlflow.tracking import MlflowClient
 
-        self.client = MlflowClient()
+        from mlflow import get_tracking_uri
+
+        uri = get_tracking_uri()  # MLFLOW_TRACKING_URI, else MLflow's default
+        if uri.startswith("sqlite") and not installed("sqlalchemy"):
+            # mlflow-skinny (apactl[mlflow]) has no database store: MLflow's default URI.
+            raise RuntimeError(f"the tracking URI {uri} needs the full mlflow package; set "
+                               "MLFLOW_TRACKING_URI to a server (http://...) or install mlflow")
+        self.client = MlflowClient(uri)
         self.id = state.get("id")
         if self.id:
             self.client.update_run(self.id, status="RUNNING")
