@@ -27,7 +27,9 @@ HIDDEN = ("train/lr", "train/critic_lr", "train/grad_norm")
 NAMES = {"sft": "supervised fine-tuning (loss on response tokens)",
          "rm": "Bradley-Terry reward modelling", "apa": "APA (Advantage-Induced Policy Alignment)",
          "ppo": "PPO (clipped policy gradient)", "awr": "AWR (advantage-weighted regression)",
-         "dpo": "DPO (Direct Preference Optimization)"}
+         "dpo": "DPO (Direct Preference Optimization)",
+         "grpo": "GRPO (group-relative policy optimisation)",
+         "rloo": "RLOO (REINFORCE leave-one-out)"}
 # Roles of a model folder: what it is, how transformers loads it, its Hub pipeline.
 ROLES = {
     "policy": ("a language model (policy)", "AutoModelForCausalLM", "text-generation"),
@@ -178,7 +180,9 @@ def card_text(facts: CardFacts) -> str:
              f"[{RECIPE}]({RECIPE}), beside this card.", "", "## How it was made", ""]
     facts_lines = [f"- **Command**: `{command}` ({kind})"]
     algo_section = r.get("algo")
-    settings = _settings(algo_section) or _settings(r.get("loss"))
+    # The algorithm's settings: align's `algo`, else a section named after the command (a
+    # `dpo:` section of a dpo recipe), else a `loss` section (rm's margin).
+    settings = _settings(algo_section) or _settings(r.get(kind)) or _settings(r.get("loss"))
     facts_lines.append(f"- **Algorithm**: {NAMES.get(algo, algo)}"
                        + (f"; {settings}" if settings else ""))
     train = r.get("train") or {}

@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -168,8 +169,9 @@ class WandB:
                 logged[f"eval/{f.stem}"] = wandb.Image(str(f))
         if logged:
             self.run.log(logged)
-        art = wandb.Artifact(f"{self.run.name or 'eval'}-report".replace("/", "-"),
-                             type="evaluation")
+        # Artifact names allow letters, digits, - _ . only.
+        name = re.sub(r"[^A-Za-z0-9_.-]", "-", f"{self.run.name or 'eval'}-report")
+        art = wandb.Artifact(name, type="evaluation")
         for f in files:
             art.add_file(str(f))
         self.run.log_artifact(art)
@@ -187,10 +189,9 @@ class MLflow:
     BATCH = 100  # params per log_batch call (MLflow's limit); metrics: 1000
 
     def __init__(self, run: TrackerRun, state: dict[str, Any], resume_step: int | None):
+        from mlflow import get_tracking_uri
         from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID, MLFLOW_EXPERIMENT_NAME
         from mlflow.tracking import MlflowClient
-
-        from mlflow import get_tracking_uri
 
         uri = get_tracking_uri()  # MLFLOW_TRACKING_URI, else MLflow's default
         if uri.startswith("sqlite") and not installed("sqlalchemy"):

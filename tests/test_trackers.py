@@ -206,6 +206,22 @@ def test_a_tracker_failing_mid_run_warns_once_and_the_run_goes_on(tmp_path, monk
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5, 6, 6]
 
 
+def test_only_the_main_process_talks_to_trackers(tmp_path, monkeypatch):
+    from apactl.config import LoggingConfig
+    from apactl.metrics import MetricsLogger
+
+    monkeypatch.setitem(trackers.BACKENDS, "wandb", Flaky)
+    Flaky.logged = []
+    other = MetricsLogger(tmp_path / "r1", LoggingConfig(report_to=["wandb"]), enabled=False)
+    other.log(1, {"a/b": 1.0})
+    other.close()
+    assert other.trackers is None and Flaky.logged == [] and not (tmp_path / "r1").exists()
+    main = MetricsLogger(tmp_path / "r0", LoggingConfig(report_to=["wandb"]), enabled=True)
+    main.log(1, {"a/b": 1.0})
+    main.close()
+    assert Flaky.logged == [1]
+
+
 def test_config_report_to_and_the_older_tensorboard_switch():
     from apactl.config import LoggingConfig
 

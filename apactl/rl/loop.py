@@ -319,8 +319,9 @@ def _write_cards(run: RLRun, folder: Path, logger: MetricsLogger) -> None:
                   wall_s=time.time() - logger.started, resumed_from=logger.resume_step)
     write_card(folder / "policy", CardFacts(run.recipe, "policy", start_of(run.recipe),
                                             **common))
-    write_card(folder / "critic", CardFacts(run.recipe, "value", critic_start(run.recipe),
-                                            **common))
+    if (folder / "critic").is_dir():  # an algorithm without a critic saves none
+        write_card(folder / "critic", CardFacts(run.recipe, "value", critic_start(run.recipe),
+                                                **common))
 
 
 def critic_start(recipe: dict[str, Any]) -> str | None:
