@@ -75,10 +75,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+PARAM_CHARS = 6000  # MLflow's limit on a param value
+
+
 def param_text(value: Any) -> str:
     """A config value as an MLflow param (params are strings): strings as they are, the rest
-    as JSON (``null``, ``true``, ``[1, 2]``)."""
-    return value if isinstance(value, str) else json.dumps(value)
+    as JSON (``null``, ``true``, ``[1, 2]``), cut to MLflow's 6000 characters."""
+    return (value if isinstance(value, str) else json.dumps(value))[:PARAM_CHARS]
 
 
 @dataclass

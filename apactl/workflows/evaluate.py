@@ -293,8 +293,9 @@ def _share(report: dict[str, Any], recipe: EvalRecipe, out: Path) -> None:
 
     figures = {}
     for p in report["policies"]:
-        figures.update({f"{p['name']}/{k}_mean": j["mean"] for k, j in p["judges"].items()})
-        figures[f"{p['name']}/kl_k1"] = p["kl"]["k1_mean"]
+        name = p["name"].replace("@", "_step")  # apa@2 -> apa_step2: MLflow refuses '@' in keys
+        figures.update({f"{name}/{k}_mean": j["mean"] for k, j in p["judges"].items()})
+        figures[f"{name}/kl_k1"] = p["kl"]["k1_mean"]
     report_results(out, recipe.logging, recipe.model_dump(mode="json"), figures,
                    [out / f for f in report["files"]], table_rows(report))
     if not recipe.eval.update_model_cards:
