@@ -84,6 +84,47 @@ def test_mlflow_reads_back_every_metric_and_the_recipe_after_a_resume(tmp_path, 
     assert run.data.params["train.lr"] == "0.003" and run.data.tags["apactl.kind"] == "sft"
 
 
+def test_mlflow_after_a_real_sigkill_and_resume_one_run_no_step_twice(tmp_path, monkeypatch):
+    """A subprocess SIGKILLs itself while scoring iteration 4 (steps 1-3 sent, checkpoint at
+    2); ``--resume`` recomputes 3 and runs 4: one MLflow run, every step once."""
+    pytest.importorskip("mlflow")
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", (tmp_path / "mlruns").as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out, marker = tmp_path / "run", tmp_path / "killed"
+    args = ["align", str(TINY / "align.yaml"), f"run.output_dir={out}",
+            "logging.report_to=[mlflow]", "logging.progress=false", "run.num_threads=1",
+            "reward.name=helpers:kill_once", f"reward.args.marker={marker}", "reward.args.at=4",
+            "critic.init=policy", "train.iterations=4", "train.save_every=2",
+            "train.rollout_batch_size=8", "train.minibatch_size=4", "data.max_rows=16"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "OMP_NUM_THREADS": "1"}
+    killed = subprocess.run([sys.executable, "-m", "apactl", *args], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9 and marker.exists(), killed.stderr[-2000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+    res = cli(*args, "--resume")
+    assert res.exit_code == 0, res.output
+
+    client = MlflowClient()
+    (run,) = client.search_runs([client.get_experiment_by_name("apactl").experiment_id])
+    assert run.info.status == "FINISHED"
+    expected = expected_points(out)
+    got = {}
+    for key in {k for k, _ in expected}:
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == [1, 2, 3, 4], (key, steps)  # each step once
+        got.update({(key, m.step): m.value
+                    for m in client.get_metric_history(run.info.run_id, key)})
+    assert same(got, expected)
+
+
 # -------------------------------------------------------------------------------- W&B
 def wandb_records(path: str):
     """The records of a ``.wandb`` file as ``wandb.proto`` ``Record`` messages.
