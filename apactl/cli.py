@@ -282,6 +282,32 @@ def sweep(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
         raise typer.Exit(1)
 
 
+@app.command()
+def push(run_folder: str = typer.Argument(..., help="An apactl run folder (or a model folder).",
+                                          show_default=False),
+         repo_id: str = typer.Option(..., "--repo-id", help="The Hub repo: NAME or OWNER/NAME.",
+                                     show_default=False),
+         private: bool = typer.Option(False, "--private", help="Create the repo private."),
+         revision: str = typer.Option(None, "--revision", help="Branch to push to (created "
+                                      "if missing; default: main).", show_default=False),
+         dry_run: bool = typer.Option(False, "--dry-run", help="List the files and sizes that "
+                                      "would be uploaded; upload nothing."),
+         what: str = typer.Option("policy", "--what", help="policy or critic (align runs).")
+         ) -> None:
+    """Upload a run's final model folder to the Hugging Face Hub: its model card, weights,
+    tokenizer and recipe.yaml; never checkpoints or optimizer state.
+
+    Example: apactl push apactl-runs/tiny-align --repo-id me/tiny-apa --dry-run
+    """
+    def go():
+        from apactl.workflows.push import push as run_push
+
+        run_push(run_folder, repo_id, private=private, revision=revision, dry_run=dry_run,
+                 what=what, echo=typer.echo)
+
+    guarded(go)
+
+
 WORLD_SIZE_OPT = typer.Option(1, "--world-size", min=1, help="Check the batch arithmetic for "
                               "this many data-parallel processes and print the per-rank numbers.")
 

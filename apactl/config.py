@@ -234,9 +234,57 @@ def _check_split(field: str, total: int, accum: int, world_size: int) -> None:
         )
 
 
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
 class LoggingConfig(Section):
-    tensorboard: bool = True
+    """Where metrics go besides metrics.jsonl (always written): ``report_to`` trackers.
+
+    ``tensorboard`` is the older switch, kept: ``false`` takes tensorboard out of report_to,
+    ``true`` puts it in; once applied it is null (report_to alone says where metrics go).
+    """
+
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "none"]] = Field(
+        default_factory=lambda: ["tensorboard"])
+    tensorboard: bool | None = None
+    # W&B project / MLflow experiment. Unset: the tracker's own setting (WANDB_PROJECT,
+    # MLFLOW_EXPERIMENT_NAME) when there is one, else "apactl".
+    project: str | None = None
+    # W&B group / MLflow tag apactl.group: the runs of one `apactl sweep` (it sets this).
+    group: str | None = None
     progress: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _resolve_trackers(cls, data: Any) -> Any:
+        # A "before" validator: assigning fields after validation would re-validate forever.
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        report = data.get("report_to", ["tensorboard"])
+        if isinstance(report, str):  # report_to: wandb
+            report = [report]
+        if not isinstance(report, list):
+            return data  # the field's own check names the problem
+        report = list(dict.fromkeys(report))
+        tb = data.get("tensorboard")
+        if "none" in report and len(report) > 1:
+            raise ValueError("report_to: 'none' cannot be combined with a tracker")
+        if "none" in report and tb is True:
+            raise ValueError("tensorboard: true, but report_to is none")
+        if tb is False and "tensorboard" in report:
+            report.remove("tensorboard")
+        elif tb is True and "tensorboard" not in report:
+            report.append("tensorboard")
+        data["report_to"] = report or ["none"]
+        if isinstance(tb, bool):
+            data["tensorboard"] = None  # applied: report_to alone says where metrics go
+        return data
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers asked for, in report_to order (``none`` is no tracker)."""
+        return [t for t in self.report_to if t != "none"]
 
 
 class RecipeBase(Section):
@@ -558,6 +606,9 @@ class EvalConfig(Section):
     confidence: Annotated[float, NotBool, Field(gt=0, lt=1)] = 0.95
     batch_size: PositiveInt = 16  # sequences per generation / scoring chunk
     plots: bool = True
+    # Add the results to the model cards (README.md) of the evaluated apactl policies: a
+    # section of the card and model-index entries in its metadata.
+    update_model_cards: bool = False
 
 
 class EvalRecipe(RecipeBase):

@@ -198,3 +198,20 @@ def vertical_lines(report: dict[str, Any]) -> list[str]:
                      f"{_num(p['length_mean'], '.1f')}  distinct-1/2 "
                      f"{_num(p['distinct_1'], '.2f')}/{_num(p['distinct_2'], '.2f')}")
     return lines
+
+
+def card_section(report: dict[str, Any], p: dict[str, Any]) -> str:
+    """The model card section of policy ``p`` (a report.json policy entry): each judge's mean,
+    difference and win rate against the baseline, and the KL to it."""
+    s = report["settings"]
+    ci = f"{round(s['confidence'] * 100)}% CI"
+    lines = [f"## Evaluation (apactl eval: {s['run_name']})", "",
+             f"{s['n_prompts']} prompts from `{s['data']}`, {s['samples_per_prompt']} sample(s) "
+             f"each; baseline and KL reference: **{s['baseline']}** (`{s['baseline_ref']}`).", "",
+             f"| judge | mean [{ci}] | diff vs baseline [{ci}] | win vs baseline [{ci}] (ties) |",
+             "|---|---|---|---|"]
+    for k in s["judges"]:
+        mean, diff, win = _cells3(p, k)
+        lines.append(f"| `{k}` | {mean} | {diff} | {win} |")
+    lines += ["", f"KL to the baseline: {_kl_cell(p, 'k1')} nats per response (k1 ± se)."]
+    return "\n".join(lines) + "\n"

@@ -1,4 +1,5 @@
-"""One place where metrics are logged: flat ``group/name`` dicts to metrics.jsonl and TensorBoard.
+"""One place where metrics are logged: flat ``group/name`` dicts to metrics.jsonl and the
+trackers of ``logging.report_to`` (TensorBoard, W&B, MLflow: ``apactl.trackers``).
 
 Only the main process writes. On resume the file is cut back to the resumed step so a resumed run's
 metrics.jsonl reads exactly like an uninterrupted one.
@@ -27,13 +28,22 @@ def _clean(value: Any) -> Any:
 
 
 class MetricsLogger:
-    """Appends ``{"step": n, **metrics}`` lines to ``metrics.jsonl`` and mirrors to TensorBoard."""
+    """Appends ``{"step": n, **metrics}`` lines to ``metrics.jsonl`` and sends the same rows to
+    the trackers of ``logging.report_to`` (``apactl.trackers``: TensorBoard, W&B, MLflow).
 
-    def __init__(self, output_dir: str | Path, tensorboard: bool = True, enabled: bool = True,
-                 resume_step: int | None = None):
+    ``logging``: the recipe's ``logging`` section (or a bool: TensorBoard alone, on or off);
+    ``recipe``: the resolved recipe, the trackers' config. ``latest`` keeps each metric's last
+    value and ``started`` the wall clock (the model card reads both).
+    """
+
+    def __init__(self, output_dir: str | Path, logging: Any = True, enabled: bool = True,
+                 resume_step: int | None = None, recipe: dict[str, Any] | None = None):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
-        self._tb = None
+        self.latest: dict[str, Any] = {}
+        self.started = time.time()
+        self.resume_step = resume_step
+        self.trackers = None
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -41,13 +51,13 @@ class MetricsLogger:
             self.path.write_text("")
         else:
             self._truncate(resume_step)
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        names = (["tensorboard"] if logging else []) if isinstance(logging, bool) \
+            else logging.trackers
+        if names:
+            from apactl.trackers import TrackerRun, Trackers
 
-                self._tb = SummaryWriter(str(Path(output_dir) / "tb"), purge_step=resume_step)
-            except ImportError:  # tensorboard is optional at run time
-                self._tb = None
+            run = TrackerRun(Path(output_dir), recipe or {}, resume=resume_step is not None)
+            self.trackers = Trackers(run, names, resume_step, warn=_warn)
 
     def _truncate(self, step: int) -> None:
         if not self.path.exists():
@@ -64,15 +74,44 @@ class MetricsLogger:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        if self._tb is not None:
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                    self._tb.add_scalar(k, v, step)
+        self.latest.update(row)
+        if self.trackers is not None:
+            self.trackers.log(step, row)
 
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
-            self._tb.close()
+    def artifacts(self, files: list[Path], table: tuple[list[str], list[list[Any]]] | None
+                  = None) -> None:
+        """A command's result files (a report, plots) and a summary table, to the trackers."""
+        if self.enabled and self.trackers is not None:
+            self.trackers.artifacts(files, table)
+
+    def close(self, failed: bool = False) -> None:
+        if self.trackers is not None:
+            self.trackers.close(failed)
+            self.trackers = None
+
+
+def _warn(msg: str) -> None:
+    console.print(f"[yellow]warning:[/] {msg}")
+
+
+def report_results(output_dir: str | Path, logging: Any, recipe: dict[str, Any],
+                   metrics: dict[str, float], files: list[Path],
+                   table: tuple[list[str], list[list[Any]]] | None = None) -> None:
+    """A command without training steps (``apactl eval``): its figures (at step 0), result
+    files and summary table to the W&B / MLflow trackers of ``logging.report_to`` (a new
+    tracker run each time). TensorBoard has no place for files and tables: the report in the
+    folder is the record."""
+    names = [t for t in logging.trackers if t != "tensorboard"]
+    if not names:
+        return
+    from apactl.trackers import TrackerRun, Trackers
+
+    trackers = Trackers(TrackerRun(Path(output_dir), recipe), names, warn=_warn)
+    try:
+        trackers.log(0, metrics)
+        trackers.artifacts(files, table)
+    finally:
+        trackers.close()
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ValidationError
 from apactl.config import RECIPES, AlignRecipe, EvalRecipe, RecipeBase
 from apactl.errors import RecipeError
 from apactl.sources import BUILTIN, looks_local, resolve_source
+from apactl.trackers import missing_trackers
 
 ALGO_NAMES = ("apa", "ppo", "awr")
 # The recipes shipped with apactl: the repository's recipes/ in a source checkout, else the
@@ -159,7 +160,8 @@ def parse_recipe(data: dict[str, Any], kind: str | None = None,
         recipe = RECIPES[rkind].model_validate({**data, "kind": rkind})
     except ValidationError as err:
         raise RecipeError(format_errors(err, rkind)) from None
-    problems = missing_files(recipe) if check_files else []
+    problems = missing_files(recipe) + missing_trackers(recipe.logging.trackers) \
+        if check_files else []
     if problems:
         raise RecipeError(problems)
     return recipe
@@ -206,8 +208,9 @@ def builtin_problems(recipe: RecipeBase) -> list[str]:
 
 def pending_inputs(recipe: RecipeBase) -> list[str]:
     """``key: not found yet: path (made by: command)`` per missing local input: what
-    ``recipe validate|show`` warn about, since an earlier stage may not have run yet."""
-    lines = []
+    ``recipe validate|show`` warn about, since an earlier stage may not have run yet; and
+    each tracker of logging.report_to that is not installed here."""
+    lines = missing_trackers(recipe.logging.trackers)
     for dotted, value in missing_inputs(recipe):
         maker = producer_command(value)
         lines.append(f"{dotted}: not found yet: {value} (made by: {maker})" if maker

@@ -22,7 +22,7 @@ from apactl.config import LoggingConfig, RunConfig, TrainConfig
 from apactl.distributed import Dist
 from apactl.errors import UserError
 from apactl.hooks import Hooks
-from apactl.metrics import MetricsLogger, Progress
+from apactl.metrics import MetricsLogger, Progress, read_metrics
 from apactl.precision import Precision
 from apactl.training import (
     Optimization,
@@ -48,8 +48,10 @@ class SupervisedTask:
     save_model: Callable[[torch.nn.Module, Path, bool], None]  # (model, folder, final)
     name: str = "train"
     extra_final: Callable[[torch.nn.Module, Path], None] | None = None
+    card_role: str = "policy"  # what final/ is, for its model card (apactl.card.ROLES)
     dist: Dist = field(default_factory=Dist)  # this process's rank in the job
     sharded: bool = False  # run.strategy=fsdp: the loop shards the model (apactl.fsdp)
+    # "rows": {"train": n, "held_out": m} for the model card (default: the train items)
     info: dict[str, Any] = field(default_factory=dict)
     _lengths: list[int] | None = None
 
@@ -136,15 +138,18 @@ def run_supervised(task: SupervisedTask, s: Setup) -> dict[str, float]:
     start, _ = resume(s.resume_from, lambda folder: None, opt)
     s.begin()
     s.hooks.call("on_start", {"model": task.model})
-    logger = MetricsLogger(out, s.logging.tensorboard, enabled=task.dist.is_main,
-                           resume_step=start if s.resume_from is not None else None)
+    logger = MetricsLogger(out, s.logging, enabled=task.dist.is_main,
+                           resume_step=start if s.resume_from is not None else None,
+                           recipe=s.recipe)
     progress = Progress(n_steps, task.name, s.logging.progress and task.dist.is_main, start=start)
     task.model.train()
+    failed = True
     try:
         final = _loop(task, s, opt, logger, progress, start, n_steps)
+        failed = False
     finally:
         progress.close()
-        logger.close()
+        logger.close(failed)
     return final
 
 
@@ -178,8 +183,8 @@ def _loop(task, s: Setup, opt: Optimization, logger, progress, start: int,
         logger.log(n_steps, final)
     _save(task, s, opt, out, n_steps)
     weights = _weights(task)  # a collective under FSDP: every rank, before rank 0 writes
-    save_final(out, lambda folder, _final: _write_final(task, folder, weights), task.dist,
-               s.train.keep_checkpoints)
+    save_final(out, lambda folder, _final: _write_final(task, s, folder, weights, logger),
+               task.dist, s.train.keep_checkpoints)
     return final
 
 
@@ -242,8 +247,16 @@ def _save(task, s: Setup, opt: Optimization, out: Path, step: int) -> None:
          opt, {}, s.recipe, s.train.keep_checkpoints)
 
 
-def _write_final(task: SupervisedTask, folder: Path, weights: dict[str, Any]) -> None:
-    """The user-facing model: ``<output_dir>/final`` (a plain Hugging Face folder)."""
+def _write_final(task: SupervisedTask, s: Setup, folder: Path, weights: dict[str, Any],
+                 logger: MetricsLogger) -> None:
+    """The user-facing model: ``<output_dir>/final`` (a plain Hugging Face folder with its
+    model card)."""
+    from apactl.card import CardFacts, start_of, write_card
+
     task.save_model(task.model, folder, True, **weights)
     if task.extra_final is not None:
         task.extra_final(task.model, folder)
+    rows = task.info.get("rows") or {"train": len(task.train_items)}
+    write_card(folder, CardFacts(s.recipe, task.card_role, start_of(s.recipe),
+                                 read_metrics(logger.path), rows, time.time() - logger.started,
+                                 logger.resume_step))

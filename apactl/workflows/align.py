@@ -215,7 +215,7 @@ def run_align(recipe: AlignRecipe, resume: bool = False, overwrite: bool = False
         rollout, upd, loop = plans(recipe, rt, actors.tokenizer.pad_token_id)
         run = RLRun(actors, make_optimization(actors, recipe, rt), make_kl(recipe), prompts,
                     held_out, rollout, upd, loop, rt.output_dir, recipe.model_dump(mode="json"),
-                    name=f"align/{recipe.algo.name}", tensorboard=recipe.logging.tensorboard,
+                    name=f"align/{recipe.algo.name}", logging=recipe.logging,
                     progress=recipe.logging.progress, resume_from=rt.resume_from,
                     hooks=hooks or Hooks(), begin=rt.begin)
         run.eval_judges, run.eval_offload = _eval_judges(recipe, rt)

@@ -283,7 +283,37 @@ def run_eval(recipe: EvalRecipe) -> dict[str, Any]:
         rt.begin()
         if rt.is_main:  # every rank has the report; rank 0 writes it
             report = _write(report, recipe, entries, rt.output_dir, samples)
+            _share(report, recipe, rt.output_dir)
     return finite(report)
+
+
+def _share(report: dict[str, Any], recipe: EvalRecipe, out: Path) -> None:
+    """The report to the trackers of logging.report_to, and (eval.update_model_cards) into
+    the model cards of the evaluated policies."""
+    from apactl.eval_report import card_section, table_rows
+    from apactl.metrics import report_results
+
+    figures = {}
+    for p in report["policies"]:
+        name = p["name"].replace("@", "_step")  # apa@2 -> apa_step2: MLflow refuses '@' in keys
+        figures.update({f"{name}/{k}_mean": j["mean"] for k, j in p["judges"].items()})
+        figures[f"{name}/kl_k1"] = p["kl"]["k1_mean"]
+    report_results(out, recipe.logging, recipe.model_dump(mode="json"), figures,
+                   [out / f for f in report["files"]], table_rows(report))
+    if not recipe.eval.update_model_cards:
+        return
+    from apactl.card import update_card
+
+    for p in report["policies"]:
+        if p["is_baseline"] or "@" in p["name"]:
+            continue  # name@step: a checkpoint's folder is not a model users take away
+        results = [{"judge": k, "value": j["mean"], "dataset": report["settings"]["data"]}
+                   for k, j in p["judges"].items() if j["mean"] is not None]
+        if update_card(Path(p["path"]), p["name"], results, card_section(report, p)):
+            console.print(f"model card updated: {Path(p['path']) / 'README.md'}")
+        else:
+            console.print(f"[yellow]warning:[/] {p['name']}: no model card in {p['path']} "
+                          "(not an apactl model folder); not updated")
 
 
 def _measure_all(recipe: EvalRecipe, rt: Runtime, entries: list[Entry], base: Entry, base_mt,

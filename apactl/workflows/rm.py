@@ -138,4 +138,6 @@ def _task(recipe: RMRecipe, model, tok, train_items, eval_items, collate,
 
     return SupervisedTask(model=model, train_items=train_items, collate=collate,
                           loss_fn=partial(bt_loss, margin=recipe.loss.margin),
-                          evaluate=evaluate, save_model=save, name="rm", dist=dist)
+                          evaluate=evaluate, save_model=save, name="rm", dist=dist,
+                          card_role="reward",
+                          info={"rows": {"train": len(train_items), "held_out": len(eval_items)}})

@@ -73,6 +73,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False,
         train_items, _ = tokenize_sft(tok, fit_prompts(tok, train_ex, d), *args)
         eval_items, _ = tokenize_sft(tok, fit_prompts(tok, eval_ex, d), *args)
         console.print(data_summary(report, len(train_items), len(eval_items)))
+        rows = {"train": len(train_items), "held_out": len(eval_items)}  # before packing
         if d.packing:
             train_items = pack_sft(train_items, d.max_len)
         collate = lambda items: to_device(collate_sft(items, tok.pad_token_id), rt.device)  # noqa: E731
@@ -83,6 +84,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False,
             evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs,
                              dist=rt.dist),
             save_model=saver(tok), name="sft", dist=rt.dist,
+            info={"rows": rows},
         )
         final = run_supervised(task, Setup(recipe.run, recipe.train, recipe.logging, p,
                                            recipe.model_dump(mode="json"), rt.resume_from,

@@ -203,6 +203,7 @@ def plan_sweep(recipe: str, grid: list[str], fixed: list[str]) -> Plan:
             problems += [f"run {name}: {p}" for p in exc.problems]
             continue
         kinds.add(parsed.kind)
+        overrides = tracker_names(parsed, root, name, overrides)
         runs.append(Run(name, folder, {k: v for k, _, v in point}, overrides,
                         build_command(local_program(), parsed.kind, recipe, overrides, folder)))
     problems += _name_clashes([r.name for r in runs])
@@ -212,6 +213,19 @@ def plan_sweep(recipe: str, grid: list[str], fixed: list[str]) -> Plan:
     if kind not in KINDS:
         raise RecipeError([f"kind: apactl sweep runs {', '.join(KINDS)} recipes, not {kind!r}"])
     return Plan(recipe, kind, root, axes, list(fixed), runs)
+
+
+def tracker_names(parsed: Any, root: Path, name: str, overrides: list[str]) -> list[str]:
+    """A sweep that reports to W&B or MLflow groups its runs: ``logging.group=<root folder
+    name>`` and ``run.name=<the run's name>`` before the run's overrides, unless the recipe or
+    the overrides set them (then theirs stay)."""
+    if not {"wandb", "mlflow"} & set(parsed.logging.trackers):
+        return overrides
+    keys = {o.partition("=")[0].strip() for o in overrides}
+    extra = [] if parsed.logging.group or "logging.group" in keys \
+        else [f"logging.group={root.name}"]
+    extra += [] if "run.name" in keys else [f"run.name={name}"]
+    return [*extra, *overrides]
 
 
 def _name_clashes(names: list[str]) -> list[str]:
