@@ -337,9 +337,9 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
         return
     stored = load_state(last).get("recipe", {})
     if stored.get("kind") != recipe.get("kind"):
-        raise RunFolderError(f"--resume: {last.parent.parent} holds {_a(stored.get('kind'))} "
-                             f"run, not {_a(recipe.get('kind'))} run; choose another "
-                             "run.output_dir")
+        raise RunFolderError(f"--resume: {last.parent.parent} holds a run of kind "
+                             f"{stored.get('kind')!r}, not {recipe.get('kind')!r}; choose "
+                             "another run.output_dir")
     changed = recipe_changes(stored, recipe)
     if changed:
         a, b = _flatten(stored), _flatten(recipe)
@@ -353,10 +353,6 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
         raise RunFolderError(f"--resume: the recipe differs from the run's ({last}): {shown}"
                              f"{more}; resume with the run's own recipe ({last.parent.parent}/"
                              f"recipe.yaml) or start a new run.output_dir{longer}")
-
-
-def _a(kind: Any) -> str:
-    return f"an {kind}" if str(kind)[:1] in "aeiou" else f"a {kind}"
 
 
 def write_recipe(folder: Path, text: str) -> None:
