@@ -429,7 +429,8 @@ def test_stop_flag_first_sigterm_asks_second_one_leaves():
     assert STOP.signal is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-@pytest.mark.parametrize("kind", ["sft", "align"])
+# align shares the stop check's code path (training.stop_requested) and costs 3 more runs.
+@pytest.mark.parametrize("kind", ["sft", pytest.param("align", marks=pytest.mark.slow)])
 def test_sigterm_checkpoints_releases_the_lock_and_resumes_identically(tmp_path, kind):
     """A real SIGTERM mid-run (no periodic checkpoints): the run finishes its step, writes a
     checkpoint, releases the lock, says how to resume; --resume then ends with the weights of
