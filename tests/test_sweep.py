@@ -413,7 +413,7 @@ def test_emitted_slurm_script_passes_the_early_sigterm_to_the_run(tmp_path, monk
     root = tmp_path / "root"
     assert invoke(TINY, "--grid", "run.seed=0,1", f"run.output_dir={root}",
                   "--emit", "slurm").exit_code == 0
-    assert f"#SBATCH --signal=B:TERM@{sp.SIGNAL_LEAD_S}\n" in (root / "sweep.sbatch").read_text()
+    assert "\n#SBATCH --signal=B:TERM@" in (root / "sweep.sbatch").read_text()
     job = subprocess.Popen(["bash", str(root / "sweep.sbatch")],
                            env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"})
     try:
