@@ -117,6 +117,8 @@ class Lock:
         except OSError as exc:
             text, why = None, f"unreadable: {exc.strerror}"
         holder, why = _parse_lock(text) if text is not None else (None, why)
+        if holder is None and text is not None and not self._old_enough():
+            return  # maybe being filled right now (a file system without hard links): look again
         if holder is not None:
             why = _stale_reason(holder)
             if why is None:
@@ -129,11 +131,23 @@ class Lock:
         try:  # only the lock judged stale: another process may have replaced it meanwhile
             if self.path.read_text() != text:
                 return
+        except FileNotFoundError:
+            return
         except OSError:
             pass
         self.path.unlink(missing_ok=True)
         console.print(f"[yellow]note:[/] {self.path}: stale lock taken over ({why})",
                       highlight=False)
+
+    def _old_enough(self, age_s: float = 2.0) -> bool:
+        """Wait until the lock file is ``age_s`` old; False if it went away meanwhile."""
+        try:
+            wait = age_s - (time.time() - self.path.stat().st_mtime)
+        except OSError:
+            return False
+        if wait > 0:
+            time.sleep(wait)
+        return self.path.exists()
 
     def release(self) -> None:
         if self.held:

@@ -3,6 +3,7 @@ precision and the output folder (locked, claimed, ``recipe.yaml`` written once).
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -151,8 +152,9 @@ def stop_on_sigterm() -> Iterator[None]:
         if STOP.signal is not None:
             raise Terminated(name)
         STOP.request(name)
-        console.print(f"[yellow]{name}:[/] stopping after the current step with a checkpoint "
-                      f"(send {name} again or press Ctrl-C to stop at once)", highlight=False)
+        if not console.quiet:  # os.write: a print here could re-enter a print in progress
+            os.write(2, f"\n{name}: stopping after the current step with a checkpoint (send "
+                        f"{name} again or press Ctrl-C to stop at once)\n".encode())
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread (e.g. a test runner)

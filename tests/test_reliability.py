@@ -323,6 +323,7 @@ def test_an_unusable_lock_is_taken_over_with_a_line(tmp_path, content, capsys):
     # A crash or a full disk while writing the lock, or a hand-edited one: it names no live
     # process (pid 0 or -1 would "exist" for os.kill: the process group, every process).
     (tmp_path / run_folder.LOCK).write_text(content)
+    os.utime(tmp_path / run_folder.LOCK, (time.time() - 5,) * 2)  # not one being written now
     lock = run_folder.Lock(tmp_path)
     lock.acquire()
     assert lock.held and json.loads((tmp_path / run_folder.LOCK).read_text())["pid"] == os.getpid()
@@ -352,7 +353,7 @@ def test_a_lock_whose_pid_is_another_process_is_taken_over(tmp_path, capsys):
 def test_an_empty_lock_left_by_a_full_disk_does_not_block_the_next_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".apactl.lock").write_text("")
+    (out / ".apactl.lock").write_text("")  # fresh: the run waits 2 s, then takes it over
     res = sft(out, "train.max_steps=2")
     assert res.exit_code == 0, res.output
     assert "stale lock taken over (empty file)" in " ".join(res.output.split())
