@@ -153,8 +153,11 @@ def stop_on_sigterm() -> Iterator[None]:
             raise Terminated(name)
         STOP.request(name)
         if not console.quiet:  # os.write: a print here could re-enter a print in progress
-            os.write(2, f"\n{name}: stopping after the current step with a checkpoint (send "
-                        f"{name} again or press Ctrl-C to stop at once)\n".encode())
+            try:
+                os.write(2, f"\n{name}: stopping after the current step with a checkpoint "
+                            f"(send {name} again or press Ctrl-C to stop at once)\n".encode())
+            except OSError:  # stderr gone (e.g. the sweep that read it was killed)
+                pass
 
     if threading.current_thread() is not threading.main_thread():
         yield  # signal handlers can only be set from the main thread (e.g. a test runner)
