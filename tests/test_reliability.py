@@ -353,7 +353,8 @@ def test_a_lock_whose_pid_is_another_process_is_taken_over(tmp_path, capsys):
 def test_an_empty_lock_left_by_a_full_disk_does_not_block_the_next_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
-    (out / ".apactl.lock").write_text("")  # fresh: the run waits 2 s, then takes it over
+    (out / ".apactl.lock").write_text("")
+    os.utime(out / ".apactl.lock", (time.time() - 5,) * 2)  # not one being written now
     res = sft(out, "train.max_steps=2")
     assert res.exit_code == 0, res.output
     assert "stale lock taken over (empty file)" in " ".join(res.output.split())
@@ -444,16 +445,13 @@ def test_sigterm_checkpoints_releases_the_lock_and_resumes_identically(tmp_path,
     length = "train.max_steps" if kind == "sft" else "train.iterations"
     extra = ["data.max_rows=40", "data.eval_rows=8"] if kind == "sft" else list(ALIGN[3:])
 
-    def cmd(out):
-        return [sys.executable, "-m", "apactl", kind, str(TINY / f"{kind}.yaml"),
-                f"run.output_dir={out}", *extra, f"{length}={n}", "train.save_every=100",
-                *QUIET]
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    subprocess.run(cmd(tmp_path / "a"), env=env, check=True, capture_output=True, timeout=300)
+    args = [kind, str(TINY / f"{kind}.yaml"), *extra, f"{length}={n}", "train.save_every=100",
+            *QUIET]
+    assert cli(*args, f"run.output_dir={tmp_path / 'a'}").exit_code == 0  # uninterrupted
     out = tmp_path / "b"
-    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "apactl", *args, f"run.output_dir={out}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and len(read_metrics(out)) < 3:
         time.sleep(0.02)
@@ -466,10 +464,9 @@ def test_sigterm_checkpoints_releases_the_lock_and_resumes_identically(tmp_path,
     assert 2 <= step < n and "resume with: apactl" in stop and stop.endswith(" --resume")
     assert [c.name for c in ckpt.list_checkpoints(out)] == [f"step-{step:08d}"]
     assert not (out / ".apactl.lock").exists() and not (out / "final").exists()
-    res = subprocess.run(cmd(out) + ["--resume"], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert f"(step {step})" in res.stdout + res.stderr
+    res = cli(*args, f"run.output_dir={out}", "--resume")
+    assert res.exit_code == 0, res.output
+    assert f"(step {step})" in res.output
     assert [r["step"] for r in read_metrics(out)] == [r["step"] for r in read_metrics(
         tmp_path / "a")]
     sub = "" if kind == "sft" else "policy/"
