@@ -350,7 +350,7 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
     if last is None:
         return
     stored = load_state(last).get("recipe", {})
-    if stored.get("kind") != recipe.get("kind"):
+    if "kind" in stored and stored["kind"] != recipe.get("kind"):  # said first: it explains all
         raise RunFolderError(f"--resume: {last.parent.parent} holds a run of kind "
                              f"{stored.get('kind')!r}, not {recipe.get('kind')!r}; choose "
                              "another run.output_dir")
@@ -360,9 +360,10 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
         shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
                           for k in changed[:8])
         more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        start = ("policy.name_or_path={}/final/policy" if recipe.get("kind") == "align"
+                 else "model.name_or_path={}/final").format(last.parent.parent)
         longer = ("; a run's length cannot change on resume (its LR schedule depends on it): "
-                  "to train a finished run further, start a new run from it "
-                  f"(model.name_or_path={last.parent.parent}/final)"
+                  f"to train a finished run further, start a new run from it ({start})"
                   if any(k in LENGTH for k in changed) else "")
         raise RunFolderError(f"--resume: the recipe differs from the run's ({last}): {shown}"
                              f"{more}; resume with the run's own recipe ({last.parent.parent}/"
