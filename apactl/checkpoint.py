@@ -100,17 +100,27 @@ def load_state(ckpt: Path) -> dict[str, Any]:
         return _LOADED[key]
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, or an old pickled format
-        raise RunFolderError(f"{path}: cannot read the checkpoint state: "
-                             f"{str(exc).splitlines()[0][:200]}") from None
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, crafted, or pickled
+        raise RunFolderError(f"{path}: cannot read the checkpoint state: {_why(exc)}",
+                             reason=_why(exc)) from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
-        raise RunFolderError(f"{path}: written by another apactl version (format "
-                             f"{state.get('format', 1) if isinstance(state, dict) else '?'}, "
+        version = state.get("format", 1) if isinstance(state, dict) else "?"
+        raise RunFolderError(f"{path}: written by another apactl version (format {version}, "
                              f"expected {FORMAT}); its model folders load as usual, but it "
                              "cannot be resumed")
     _LOADED.clear()
     _LOADED[key] = state
     return state
+
+
+def _why(exc: Exception) -> str:
+    """torch.load's error in a few words; never torch's advice to load with
+    ``weights_only=False`` (that would run whatever the file holds)."""
+    text = str(exc)
+    if "Weights only load failed" in text or "weights_only" in text:
+        return ("it holds objects other than tensors and plain values (refused: loading them "
+                "could run code)")
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def forget_states() -> None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable
@@ -23,9 +24,10 @@ from typing import Any
 import typer
 
 from apactl import __version__
-from apactl.errors import RecipeError, UserError
+from apactl.errors import RecipeError, Stopped, Terminated, UserError
 
 EXIT_USER_ERROR = 2
+EXIT_STOPPED = 143  # 128 + SIGTERM: stopped on request (a checkpoint written, or at once)
 
 app = typer.Typer(
     name="apactl",
@@ -48,16 +50,20 @@ OVERWRITE_OPT = typer.Option(False, "--overwrite", help="Replace an earlier run'
                              "run.output_dir (without it, a folder holding a run is refused).")
 
 
-def _err(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
+def guarded(fn: Callable[[], Any], resume_cmd: list[str] | None = None) -> Any:
+    """Run ``fn``; turn user errors into one-line messages and exit code 2.
 
-
-def guarded(fn: Callable[[], Any]) -> Any:
-    """Run ``fn``; turn user errors into one-line messages and exit code 2."""
+    ``resume_cmd``: the command that resumes this run, shown when a SIGTERM stopped it."""
     try:
         return fn()
     except UserError as exc:
         _fail(exc.problems, EXIT_USER_ERROR)
+    except Stopped as exc:
+        how = shlex.join(resume_cmd) if resume_cmd else "the same command and --resume"
+        _fail([f"{exc}; resume with: {how}"], EXIT_STOPPED, prefix="stopped")
+    except Terminated as exc:
+        _fail([f"terminated by a second {exc} before the next checkpoint; --resume continues "
+               "from the last one"], EXIT_STOPPED)
     except KeyboardInterrupt:
         _fail(["interrupted"], 130)
     except OSError as exc:
@@ -84,7 +90,7 @@ def _rank() -> int | None:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else None
 
 
-def _fail(problems: list[str] | None, code: int) -> None:
+def _fail(problems: list[str] | None, code: int, prefix: str = "error") -> None:
     """Print ``problems`` (None: the current traceback) and exit with ``code``."""
     rank = _rank()
     if rank is None:
@@ -93,7 +99,7 @@ def _fail(problems: list[str] | None, code: int) -> None:
             # the same recipe and fails the same way, so rank 0 alone reports it.
             raise typer.Exit(code)
         for p in problems or []:
-            _err(p)
+            typer.echo(f"{prefix}: {p}", err=True)
         raise typer.Exit(code)
     from apactl.distributed import claim_error_report
 
@@ -102,10 +108,15 @@ def _fail(problems: list[str] | None, code: int) -> None:
             lines = traceback.format_exc().rstrip().splitlines()
             typer.echo("\n".join(f"[rank {rank}] {ln}" for ln in lines), err=True)
         for p in problems or []:
-            typer.echo(f"[rank {rank}] error: {p}", err=True)
+            typer.echo(f"[rank {rank}] {prefix}: {p}", err=True)
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def _resume_cmd(kind: str, recipe: str, args: list[str] | None) -> list[str]:
+    """``apactl KIND RECIPE ARGS --resume``: how to continue a run that was stopped."""
+    return ["apactl", kind, recipe, *(args or []), "--resume"]
 
 
 def _load(path: str, overrides: list[str] | None, kind: str | None, check_files: bool = True):
@@ -151,11 +162,13 @@ def sft(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
     """
     def go():
         r = _load(recipe, overrides, "sft")
+        from apactl.runtime import stop_on_sigterm
         from apactl.workflows.sft import run_sft
 
-        run_sft(r, resume=resume, overwrite=overwrite)
+        with stop_on_sigterm():
+            run_sft(r, resume=resume, overwrite=overwrite)
 
-    guarded(go)
+    guarded(go, _resume_cmd("sft", recipe, overrides))
 
 
 @app.command()
@@ -167,11 +180,13 @@ def rm(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
     """
     def go():
         r = _load(recipe, overrides, "rm")
+        from apactl.runtime import stop_on_sigterm
         from apactl.workflows.rm import run_rm
 
-        run_rm(r, resume=resume, overwrite=overwrite)
+        with stop_on_sigterm():
+            run_rm(r, resume=resume, overwrite=overwrite)
 
-    guarded(go)
+    guarded(go, _resume_cmd("rm", recipe, overrides))
 
 
 @app.command()
@@ -186,11 +201,14 @@ def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
     def go():
         extra = [f"algo.name={algo}"] if algo else []
         r = _load(recipe, [*extra, *(overrides or [])], "align")
+        from apactl.runtime import stop_on_sigterm
         from apactl.workflows.align import run_align
 
-        run_align(r, resume=resume, overwrite=overwrite)
+        with stop_on_sigterm():
+            run_align(r, resume=resume, overwrite=overwrite)
 
-    guarded(go)
+    guarded(go, _resume_cmd("align", recipe, [*(["--algo", algo] if algo else []),
+                                              *(overrides or [])]))
 
 
 JUDGE_OPT = typer.Option(None, "--judge", help="Keep only this judge of the recipe (repeatable); "

@@ -45,4 +45,25 @@ class ModelError(UserError):
 
 
 class RunFolderError(UserError):
-    """The output folder cannot be used by this run (another run's, locked, or changed)."""
+    """The output folder cannot be used by this run (another run's, locked, or changed).
+
+    ``reason``: for a checkpoint that cannot be read, why (a damaged one is skipped on resume).
+    """
+
+    def __init__(self, *problems: str, reason: str | None = None):
+        super().__init__(*problems)
+        self.reason = reason
+
+
+class Stopped(Exception):
+    """The run stopped on request (SIGTERM) at a step boundary, after writing a checkpoint:
+    ``--resume`` continues it. Not a user error: the CLI exits with ``EXIT_STOPPED``."""
+
+    def __init__(self, signal: str, step: int, checkpoint: str):
+        super().__init__(f"{signal} after step {step}: checkpoint {checkpoint} written")
+        self.signal, self.step, self.checkpoint = signal, step, checkpoint
+
+
+class Terminated(BaseException):
+    """A second stop signal: leave at once (like KeyboardInterrupt, not caught by
+    ``except Exception``); files are left as a SIGKILL would leave them, whole."""

@@ -1,7 +1,12 @@
 """An output folder belongs to one run: a lock while it runs, and no silent mixing of runs.
 
-* ``lock``: ``.apactl.lock`` holds the pid and host of the process using the folder; a second
-  process is refused (exit 2, naming the holder); a lock whose process is gone is taken over.
+* ``check_output_dir``: the folder must be a folder that can be made, and must not lie inside
+  another run's folder (its ``checkpoints/``, ``final/``, or any folder holding a run), so
+  ``--overwrite`` can never delete another run's files.
+* ``lock``: ``.apactl.lock`` holds the pid, host, boot and start time of the process using the
+  folder; a second process is refused (exit 2, naming the holder); a lock whose process is gone
+  (or whose pid now belongs to another process), or that is empty or damaged, is taken over
+  with a line saying so.
 * ``claim``: a training run (sft, rm, align) into a folder that already holds a run's results
   (checkpoints, ``final/``, metrics) is refused unless it resumes that run (``--resume``) or
   replaces it (``--overwrite``). Files of a run that failed before producing anything
@@ -16,6 +21,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -41,50 +47,201 @@ OPERATIONAL = (
     "train.grad_accum", "train.forward_batch_size", "train.offload_frozen", "reward.batch_size",
     "model.cache_dir",
     "policy.cache_dir",
+    # Held-out judges score answers after the update; they never feed the training signal.
+    "eval_judges",
 )
+# Keys that set a run's length: a finished run cannot be extended by raising them, because the
+# LR schedule (and align's KL horizon) are functions of the total.
+LENGTH = ("train.max_steps", "train.epochs", "train.iterations")
 
 
 class Lock:
-    """``.apactl.lock`` in ``folder`` for this process (rank 0 of a job takes it)."""
+    """``.apactl.lock`` in ``folder`` for this process (rank 0 of a job takes it).
+
+    The lock records pid, host, the boot and the process's start time, so a lock whose pid now
+    belongs to another process (pid reuse after a reboot or in a container) is recognised as
+    stale. It is written in full under a temporary name and linked into place, so it is never
+    seen half-written; an empty or unreadable lock (an older apactl, a crash) is stale.
+    """
 
     def __init__(self, folder: Path):
         self.path = folder / LOCK
         self.held = False
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._acquire()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise  # the CLI names a full disk
+            raise RunFolderError(f"run.output_dir: cannot create or write in "
+                                 f"{self.path.parent}: {exc.strerror or exc}") from None
+
+    def _acquire(self) -> None:
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+              "boot": boot_id(), "start": process_start(os.getpid())}
+        for _ in range(3):
+            if self._create(json.dumps(me)):
+                self.held = True
+                return
+            self._take_over_if_stale()
         raise RunFolderError(f"{self.path.parent}: in use (lock {self.path})")
+
+    def _create(self, text: str) -> bool:
+        """Put a complete lock in place unless one exists; False if one does."""
+        tmp = self.path.with_name(f"{LOCK}.tmp-{os.getpid()}")
+        try:
+            write_file(tmp, text)
+            try:
+                os.link(tmp, self.path)  # atomic, fails if the lock exists
+                return True
+            except FileExistsError:
+                return False
+            except OSError:  # a file system without hard links: create, then fill
+                try:
+                    fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "w") as f:
+                    f.write(text)
+                return True
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def _take_over_if_stale(self) -> None:
         try:
-            holder = json.loads(self.path.read_text() or "{}")
-        except (OSError, ValueError):
-            holder = {}
-        pid, host = holder.get("pid"), holder.get("host")
-        if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
-            self.path.unlink(missing_ok=True)  # its process is gone: the lock is stale
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return  # released meanwhile
+        except OSError as exc:
+            text, why = None, f"unreadable: {exc.strerror}"
+        holder, why = _parse_lock(text) if text is not None else (None, why)
+        if holder is None and text is not None and not self._old_enough():
+            return  # maybe being filled right now (a file system without hard links): look again
+        if holder is not None:
+            why = _stale_reason(holder)
+            if why is None:
+                raise RunFolderError(
+                    f"{self.path.parent}: in use by another apactl process (pid "
+                    f"{holder['pid']} on {holder.get('host')}); wait for it to finish, or "
+                    f"delete {self.path} if that process is gone")
+        from apactl.metrics import console
+
+        try:  # only the lock judged stale: another process may have replaced it meanwhile
+            if self.path.read_text() != text:
+                return
+        except FileNotFoundError:
             return
-        if not holder:  # being written by a process that just created it: treat as held
-            holder = {"pid": "?", "host": "?"}
-        raise RunFolderError(
-            f"{self.path.parent}: in use by another apactl process (pid {pid} on {host}); "
-            f"wait for it to finish, or delete {self.path} if that process is gone")
+        except OSError:
+            pass
+        self.path.unlink(missing_ok=True)
+        console.print(f"[yellow]note:[/] {self.path}: stale lock taken over ({why})",
+                      highlight=False)
+
+    def _old_enough(self, age_s: float = 2.0) -> bool:
+        """Wait until the lock file is ``age_s`` old; False if it went away meanwhile."""
+        try:
+            wait = age_s - (time.time() - self.path.stat().st_mtime)
+        except OSError:
+            return False
+        if wait > 0:
+            time.sleep(wait)
+        return self.path.exists()
 
     def release(self) -> None:
         if self.held:
             self.path.unlink(missing_ok=True)
             self.held = False
+
+
+def _parse_lock(text: str) -> tuple[dict[str, Any] | None, str]:
+    """(the lock's holder, "") or (None, why the lock cannot be a live process's)."""
+    if not text.strip():
+        return None, "empty file"
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return None, "not JSON: truncated or damaged"
+    if not isinstance(holder, dict):
+        return None, f"not a JSON object: {text.strip()[:40]!r}"
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return None, f"no valid pid: {pid!r}"
+    return holder, ""
+
+
+def _stale_reason(holder: dict[str, Any]) -> str | None:
+    """Why the process that wrote lock ``holder`` is gone (None: it may be running).
+
+    Another host's process cannot be checked: it counts as running."""
+    pid = holder["pid"]
+    if holder.get("host") != socket.gethostname():
+        return None
+    if holder.get("boot") and boot_id() and holder["boot"] != boot_id():
+        return f"pid {pid} was written before the machine restarted"
+    start = process_start(pid)
+    if not pid_alive(pid) or start == "zombie":
+        return f"pid {pid} is not running"
+    if holder.get("start") is not None and start is not None:
+        return None if start == holder["start"] else f"pid {pid} is now another process"
+    cmdline = process_cmdline(pid)
+    if cmdline is not None and "apactl" not in cmdline:
+        return f"pid {pid} is not an apactl process ({cmdline[:60]})"
+    return None
+
+
+def boot_id() -> str | None:
+    """This boot's id (Linux), or None."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def process_start(pid: int) -> int | str | None:
+    """Process ``pid``'s start time in clock ticks since boot (Linux), "zombie" for a process
+    that has exited but not been reaped, or None (unknown)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return "zombie" if fields[0] in "ZX" else int(fields[19])  # state; starttime (field 22)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def process_cmdline(pid: int) -> str | None:
+    """Process ``pid``'s command line (Linux), or None."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return None
+    return raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
+
+
+def check_output_dir(folder: Path) -> None:
+    """Refuse (one line) a ``run.output_dir`` that is a file, lies under a file, cannot be
+    created, or lies inside another run's folder; nothing is written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"run.output_dir: {folder} is a file, not a folder")
+    existing = next((p for p in folder.parents if p.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise RunFolderError(f"run.output_dir: {folder} lies under {existing}, which is a "
+                             "file, not a folder")
+    real = folder.resolve()
+    for parent in real.parents:
+        if holds_run(parent) or (parent.name in (CKPT_DIR, "final")
+                                 and (parent.parent / "recipe.yaml").is_file()):
+            raise RunFolderError(f"run.output_dir: {folder} lies inside the run folder "
+                                 f"{parent if holds_run(parent) else parent.parent}; choose a "
+                                 "folder of its own")
+
+
+def holds_run(folder: Path) -> bool:
+    """``folder`` is an apactl run's folder: its ``recipe.yaml`` next to a lock, checkpoints or
+    results (a recipe file alone, e.g. in a project folder, is not a run)."""
+    return (folder / "recipe.yaml").is_file() and (
+        has_results(folder) or (folder / LOCK).exists() or (folder / CKPT_DIR).is_dir())
 
 
 def has_results(folder: Path) -> bool:
@@ -160,7 +317,13 @@ def latest_good_checkpoint(folder: Path) -> Path | None:
     for ckpt in reversed(list_checkpoints(folder)):
         why = problem(ckpt)
         if why is None:
-            return ckpt
+            try:  # the state is kept: check_resume and the resume read it from memory
+                load_state(ckpt)
+                return ckpt
+            except RunFolderError as exc:
+                if exc.reason is None:  # readable, but not resumable (another version): say so
+                    raise
+                why = exc.reason
         console.print(f"[yellow]warning:[/] checkpoint {ckpt} is damaged ({why}); "
                       "resuming from the one before it")
     return None
@@ -187,15 +350,24 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
     if last is None:
         return
     stored = load_state(last).get("recipe", {})
+    if "kind" in stored and stored["kind"] != recipe.get("kind"):  # said first: it explains all
+        raise RunFolderError(f"--resume: {last.parent.parent} holds a run of kind "
+                             f"{stored.get('kind')!r}, not {recipe.get('kind')!r}; choose "
+                             "another run.output_dir")
     changed = recipe_changes(stored, recipe)
     if changed:
         a, b = _flatten(stored), _flatten(recipe)
         shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
                           for k in changed[:8])
         more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+        start = ("policy.name_or_path={}/final/policy" if recipe.get("kind") == "align"
+                 else "model.name_or_path={}/final").format(last.parent.parent)
+        longer = ("; a run's length cannot change on resume (its LR schedule depends on it): "
+                  f"to train a finished run further, start a new run from it ({start})"
+                  if any(k in LENGTH for k in changed) else "")
         raise RunFolderError(f"--resume: the recipe differs from the run's ({last}): {shown}"
                              f"{more}; resume with the run's own recipe ({last.parent.parent}/"
-                             "recipe.yaml) or start a new run.output_dir")
+                             f"recipe.yaml) or start a new run.output_dir{longer}")
 
 
 def write_recipe(folder: Path, text: str) -> None:

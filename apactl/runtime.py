@@ -3,6 +3,11 @@ precision and the output folder (locked, claimed, ``recipe.yaml`` written once).
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -70,6 +75,9 @@ def setup_run(recipe: RecipeBase, resume: bool = False, overwrite: bool = False,
     from apactl.metrics import console
     from apactl.precision import resolve_device, resolve_precision
 
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite: use one (--resume continues the run in "
+                        "run.output_dir, --overwrite replaces it)")
     run = recipe.run
     if run.num_threads:
         torch.set_num_threads(run.num_threads)
@@ -106,10 +114,11 @@ def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,
                 trains: bool) -> None:
     """Rank 0 locks and claims the folder; every rank learns which checkpoint to resume."""
     from apactl.recipe import recipe_to_yaml
-    from apactl.run_folder import check_resume, claim
+    from apactl.run_folder import check_output_dir, check_resume, claim
 
     last = None
     if rt.is_main:
+        check_output_dir(rt.output_dir)
         rt.created = not rt.output_dir.exists()
         rt.lock = Lock(rt.output_dir)
         rt.lock.acquire()
@@ -126,6 +135,40 @@ def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,
 
         console.print(f"[yellow]--resume: no checkpoint in {rt.output_dir}; starting from "
                       "scratch")
+
+
+@contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """While a command runs: the first SIGTERM (what SLURM and Kubernetes send before killing a
+    job) asks the training loops to stop at the next step boundary with a checkpoint
+    (``training.STOP``; they raise ``errors.Stopped``); a second one raises ``Terminated`` at
+    once. SIGINT keeps Python's own handler (KeyboardInterrupt). Installed by the CLI."""
+    from apactl.errors import Terminated
+    from apactl.metrics import console
+    from apactl.training import STOP
+
+    def handle(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if STOP.signal is not None:
+            raise Terminated(name)
+        STOP.request(name)
+        if not console.quiet:  # os.write: a print here could re-enter a print in progress
+            try:
+                os.write(2, f"\n{name}: stopping after the current step with a checkpoint "
+                            f"(send {name} again or press Ctrl-C to stop at once)\n".encode())
+            except OSError:  # stderr gone (e.g. the sweep that read it was killed)
+                pass
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread (e.g. a test runner)
+        return
+    STOP.clear()
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        STOP.clear()
 
 
 def _quiet_libraries() -> None:

@@ -32,6 +32,8 @@ from apactl.training import (
     resume,
     save,
     save_final,
+    stop_requested,
+    stopped,
 )
 
 # loss_fn(model, batch) -> (loss, stats, n_tokens): loss is the micro-batch mean; stats are floats.
@@ -176,8 +178,13 @@ def _loop(task, s: Setup, opt: Optimization, logger, progress, start: int,
         s.hooks.call("on_step_end", step + 1, stats)
         if train.eval_every and (step + 1) % train.eval_every == 0 and step + 1 < n_steps:
             logger.log(step + 1, _evaluate(task, s))
-        if train.save_every and (step + 1) % train.save_every == 0 and step + 1 < n_steps:
+        saved = bool(train.save_every) and (step + 1) % train.save_every == 0
+        if saved and step + 1 < n_steps:
             _save(task, s, opt, out, step + 1)
+        if step + 1 < n_steps and stop_requested(task.dist):  # SIGTERM: checkpoint, leave
+            if not saved:
+                _save(task, s, opt, out, step + 1)
+            raise stopped(out, step + 1)
     final = _evaluate(task, s)
     if start < n_steps:  # resumed from the last checkpoint: its final eval is logged already
         logger.log(n_steps, final)

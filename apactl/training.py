@@ -27,7 +27,7 @@ import torch
 
 from apactl import checkpoint as ckpt
 from apactl.distributed import Dist
-from apactl.errors import UserError
+from apactl.errors import Stopped, UserError
 from apactl.metrics import console
 
 
@@ -267,3 +267,33 @@ def resume(last: Path | None, load_models: Callable[[Path], None],
     ckpt.forget_states()
     console.print(f"resumed from {last} (step {state['step']})")
     return int(state["step"]), state
+
+
+# ---------------------------------------------------------------------- stop on request
+@dataclass
+class StopFlag:
+    """A request to stop at the next step boundary, set by a signal handler that the CLI
+    installs (``runtime.stop_on_sigterm``); the loops only read it."""
+
+    signal: str | None = None
+
+    def request(self, name: str) -> None:
+        self.signal = self.signal or name
+
+    def clear(self) -> None:
+        self.signal = None
+
+
+STOP = StopFlag()
+
+
+def stop_requested(dist: Dist) -> bool:
+    """True on every rank when any rank was asked to stop: the checkpoint that follows is a
+    collective, so the ranks must agree (one scalar all-reduce per step when distributed)."""
+    return dist.sum_scalar(float(STOP.signal is not None)) > 0
+
+
+def stopped(out: Path, step: int) -> Stopped:
+    """The exception a loop raises once checkpoint ``step`` is written after a stop request."""
+    return Stopped(STOP.signal or "a signal", step,
+                   str(Path(out) / ckpt.CKPT_DIR / f"step-{step:08d}"))

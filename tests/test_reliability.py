@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +19,7 @@ import torch
 from helpers import QUIET, ROOT, TINY, cli
 
 from apactl import checkpoint as ckpt
+from apactl import run_folder
 
 SFT = str(TINY / "sft.yaml")
 FAST = ["train.max_steps=4", "train.save_every=2", "data.max_rows=24", "data.eval_rows=4",
@@ -111,7 +114,8 @@ def test_second_process_is_refused_and_a_stale_lock_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         (out / ".apactl.lock").write_text(json.dumps(
-            {"pid": holder.pid, "host": os.uname().nodename, "since": time.time()}))
+            {"pid": holder.pid, "host": socket.gethostname(), "since": time.time(),
+             "start": run_folder.process_start(holder.pid)}))
         line = one_error_line(sft(out))
         assert f"pid {holder.pid}" in line and "in use" in line
         assert sorted(p.name for p in out.iterdir()) == [".apactl.lock"]  # nothing written
@@ -145,7 +149,9 @@ def test_resume_never_executes_code_from_a_checkpoint(tmp_path):
     res = sft(out, "train.max_steps=2", flags=["--resume"])
     assert not marker.exists()
     assert res.exit_code == 2 and "Traceback" not in res.output, res.output
-    assert "cannot read the checkpoint state" in res.output.replace("\n", "")
+    text = " ".join(res.output.split())
+    assert "is damaged (it holds objects other than tensors" in text
+    assert "no checkpoint to resume" in text and "weights_only" not in text
 
 
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path):
@@ -508,3 +514,160 @@ def test_a_classifier_config_over_causal_lm_weights_is_refused(tmp_path, folders
         build_judge(JudgeSpec(name="reward-model", path=str(fake)), field="judges.1")
     assert str(err.value).startswith(
         f"judges.1.path: {fake}: the checkpoint has no score.weight: not a reward model"), err.value
+# ------------------------------------------------------- issue 20: folders, locks, SIGTERM
+@pytest.mark.parametrize("content", ["", '{"pid": 12', "5", "null", "[1, 2]", '{"pid": 0}',
+                                     '{"pid": -1}', '{"pid": "12"}', '{"pid": true}'])
+def test_an_unusable_lock_is_taken_over_with_a_line(tmp_path, content, capsys):
+    # A crash or a full disk while writing the lock, or a hand-edited one: it names no live
+    # process (pid 0 or -1 would "exist" for os.kill: the process group, every process).
+    (tmp_path / run_folder.LOCK).write_text(content)
+    os.utime(tmp_path / run_folder.LOCK, (time.time() - 5,) * 2)  # not one being written now
+    lock = run_folder.Lock(tmp_path)
+    lock.acquire()
+    assert lock.held and json.loads((tmp_path / run_folder.LOCK).read_text())["pid"] == os.getpid()
+    assert "stale lock taken over" in " ".join(capsys.readouterr().err.split())
+    lock.release()
+    assert not (tmp_path / run_folder.LOCK).exists()
+
+
+def test_a_lock_whose_pid_is_another_process_is_taken_over(tmp_path, capsys):
+    other = subprocess.Popen(["sleep", "60"])  # alive, but not the lock's writer
+    me = {"pid": other.pid, "host": socket.gethostname(), "since": time.time()}
+    try:
+        for lock in ({**me, "start": run_folder.process_start(other.pid) + 1},  # pid reused
+                     me):  # an older apactl's lock (no start time): the command line tells
+            (tmp_path / run_folder.LOCK).write_text(json.dumps(lock))
+            held = run_folder.Lock(tmp_path)
+            held.acquire()
+            held.release()
+        said = " ".join(capsys.readouterr().err.split())
+        assert f"pid {other.pid} is now another process" in said
+        assert f"pid {other.pid} is not an apactl process" in said
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_an_empty_lock_left_by_a_full_disk_does_not_block_the_next_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".apactl.lock").write_text("")
+    os.utime(out / ".apactl.lock", (time.time() - 5,) * 2)  # not one being written now
+    res = sft(out, "train.max_steps=2")
+    assert res.exit_code == 0, res.output
+    assert "stale lock taken over (empty file)" in " ".join(res.output.split())
+
+
+def test_output_dir_that_cannot_be_a_run_folder_is_one_line(tmp_path):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("mine\n")
+    assert "is a file, not a folder" in one_error_line(sft(a_file))
+    assert "lies under" in one_error_line(sft(a_file / "run"))
+    assert "cannot create" in one_error_line(sft("/proc/no-such-dir/run"))
+    assert a_file.read_text() == "mine\n"
+    other = tmp_path / "other"
+    assert sft(other, "train.max_steps=2", "train.keep_checkpoints=2").exit_code == 0
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    for inside in (other / "checkpoints", other / "final", other / "final" / "x", other / "sub"):
+        line = one_error_line(sft(inside, flags=["--overwrite"]))
+        assert f"lies inside the run folder {other}" in line, line
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before  # nothing deleted
+
+
+def test_resume_and_overwrite_together_is_a_usage_error(tmp_path):
+    out = tmp_path / "run"
+    assert sft(out, "train.max_steps=2").exit_code == 0
+    line = one_error_line(sft(out, "train.max_steps=2", flags=["--resume", "--overwrite"]))
+    assert "--resume and --overwrite" in line
+    assert (out / "final").is_dir()
+
+
+def test_a_crafted_newest_state_is_skipped_like_a_damaged_one(tmp_path):
+    out = tmp_path / "run"
+    args = ("train.max_steps=4", "train.keep_checkpoints=3")
+    assert sft(out, *args).exit_code == 0
+    latest = ckpt.latest_checkpoint(out)
+    marker = tmp_path / "pwned"
+    torch.save({"format": ckpt.FORMAT, "x": _Payload(marker)}, latest / ckpt.STATE)
+    res = sft(out, *args, flags=["--resume"])
+    assert res.exit_code == 0, res.output
+    text = res.output.replace("\n", "")  # the console wraps long lines at 80 columns
+    assert f"checkpoint {latest} is damaged" in text and "resumed from" in text
+    assert "step-00000002" in text and "weights_only" not in text and not marker.exists()
+
+
+ALIGN = ("align", str(TINY / "align.yaml"), "train.iterations=2", "train.rollout_batch_size=4",
+         "train.minibatch_size=4", "data.max_rows=8", "generation.max_new_tokens=4", *QUIET)
+
+
+def test_resume_may_add_a_held_out_judge_and_names_another_kind_first(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*ALIGN, f"run.output_dir={out}").exit_code == 0
+    res = cli(*ALIGN, f"run.output_dir={out}", "eval_judges=[{name: char-fraction}]",
+              "--resume")
+    assert res.exit_code == 0, res.output
+    sft_out = tmp_path / "sft"
+    assert sft(sft_out, "train.max_steps=2").exit_code == 0
+    line = one_error_line(cli(*ALIGN, f"run.output_dir={sft_out}", "--resume"))
+    assert line.startswith(f"error: --resume: {sft_out} holds a run of kind 'sft', not "
+                           "'align'"), line
+    line = one_error_line(sft(sft_out, "train.max_steps=3", flags=["--resume"]))
+    assert "train.max_steps (2 -> 3)" in line and "length cannot change on resume" in line
+
+
+def test_stop_flag_first_sigterm_asks_second_one_leaves():
+    from apactl.errors import Terminated
+    from apactl.runtime import stop_on_sigterm
+    from apactl.training import STOP
+
+    with stop_on_sigterm():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert STOP.signal == "SIGTERM"
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs at the next bytecode
+    assert STOP.signal is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+# align shares the stop check's code path (training.stop_requested) and costs 3 more runs.
+@pytest.mark.parametrize("kind", ["sft", pytest.param("align", marks=pytest.mark.slow)])
+def test_sigterm_checkpoints_releases_the_lock_and_resumes_identically(tmp_path, kind):
+    """A real SIGTERM mid-run (no periodic checkpoints): the run finishes its step, writes a
+    checkpoint, releases the lock, says how to resume; --resume then ends with the weights of
+    an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    from apactl.metrics import read_metrics
+
+    n = 12 if kind == "sft" else 6
+    length = "train.max_steps" if kind == "sft" else "train.iterations"
+    extra = ["data.max_rows=40", "data.eval_rows=8"] if kind == "sft" else list(ALIGN[3:])
+
+    args = [kind, str(TINY / f"{kind}.yaml"), *extra, f"{length}={n}", "train.save_every=100",
+            *QUIET]
+    assert cli(*args, f"run.output_dir={tmp_path / 'a'}").exit_code == 0  # uninterrupted
+    out = tmp_path / "b"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "apactl", *args, f"run.output_dir={out}"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(out)) < 3:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    said = " ".join((stdout + stderr).split())
+    assert proc.returncode == 143, said[-2000:]
+    [stop] = [ln for ln in stderr.splitlines() if ln.startswith("stopped: SIGTERM after step")]
+    step = int(stop.split("after step ")[1].split(":")[0])
+    assert 2 <= step < n and "resume with: apactl" in stop and stop.endswith(" --resume")
+    assert [c.name for c in ckpt.list_checkpoints(out)] == [f"step-{step:08d}"]
+    assert not (out / ".apactl.lock").exists() and not (out / "final").exists()
+    res = cli(*args, f"run.output_dir={out}", "--resume")
+    assert res.exit_code == 0, res.output
+    assert f"(step {step})" in res.output
+    assert [r["step"] for r in read_metrics(out)] == [r["step"] for r in read_metrics(
+        tmp_path / "a")]
+    sub = "" if kind == "sft" else "policy/"
+    wa = load_file(tmp_path / f"a/final/{sub}model.safetensors")
+    wb = load_file(out / f"final/{sub}model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -194,7 +194,14 @@ arg = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
 out = pathlib.Path(arg["run.output_dir"])
 out.mkdir(parents=True, exist_ok=True)
 (out / "metrics.jsonl").write_text(json.dumps({"step": 1, "reward/score_mean": 0.5}) + "\\n")
-if arg["algo.name"] == "apa":
+if arg.get("run.seed") == "7":  # Ctrl-C reaches the sweep; this run still ends, in the grace
+    os.kill(os.getppid(), signal.SIGINT)
+    time.sleep(0.3)
+    (out / "final").mkdir()
+elif arg.get("run.seed") == "9":  # runs on, until something ends it
+    (out / "pid").write_text(str(os.getpid()))
+    time.sleep(60)
+elif arg["algo.name"] == "apa":
     (out / "final").mkdir()
 elif arg["algo.name"] == "awr":
     print("some progress\\nerror: boom", file=sys.stderr)
@@ -338,3 +345,85 @@ def test_plan_rejects_problems_with_recipe_error():
         sp.plan_sweep(TINY, ["algo.name=apa,apo"], [])
     assert exc.value.problems == ["run algo.name=apo: algo.name: unknown algorithm; expected one "
                                   "of: apa, ppo, awr"]
+
+
+# ------------------------------------------------------------- issue 20: stop and kill
+def test_a_run_that_ends_within_the_grace_period_is_recorded_finished(fake_apactl,
+                                                                       monkeypatch):
+    monkeypatch.setattr(sw, "STOP_GRACE_S", (5.0, 10.0))
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        res = invoke(TINY, "--grid", "run.seed=7,8", "algo.name=apa",
+                     f"run.output_dir={fake_apactl}")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert res.exit_code == 130, res.output
+    seven, eight = json.loads((fake_apactl / "sweep.json").read_text())["runs"]
+    assert (seven["status"], seven["exit_code"], seven["error"]) == ("finished", 0, None)
+    assert eight["status"] == "pending"
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in "ZX"
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl(PR_SET_PDEATHSIG)")
+def test_a_sigkilled_sweep_leaves_no_run_behind(fake_apactl):
+    root, fake = fake_apactl, fake_apactl.parent / "fake_apactl.py"
+    driver = ("import sys; import apactl.workflows.sweep_plan as sp; "
+              f"sp.local_program = lambda: [sys.executable, {str(fake)!r}]; "
+              "from apactl.cli import app; "
+              f"app(['sweep', {TINY!r}, '--grid', 'run.seed=9', 'algo.name=apa', "
+              f"'run.output_dir={root}'])")
+    sweep = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    pid_file = root / "run.seed=9" / "pid"
+    deadline = time.time() + 60
+    while time.time() < deadline and not pid_file.exists():
+        time.sleep(0.02)
+    time.sleep(0.1)
+    child = int(pid_file.read_text())
+    sweep.kill()
+    sweep.wait()
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and _running(child):
+            time.sleep(0.05)
+        assert not _running(child), "the run outlived its sweep"
+    finally:
+        if _running(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def test_emitted_slurm_script_passes_the_early_sigterm_to_the_run(tmp_path, monkeypatch):
+    # SLURM's --signal=B:TERM@N signals the batch shell only: the run must be that process.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "apactl").write_text(
+        f"#!/bin/bash\ntrap 'echo got-TERM > {tmp_path}/seen; exit 143' TERM\n"
+        f"touch {tmp_path}/started\nfor i in $(seq 200); do sleep 0.05; done\n")
+    (bin_dir / "apactl").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "root"
+    assert invoke(TINY, "--grid", "run.seed=0,1", f"run.output_dir={root}",
+                  "--emit", "slurm").exit_code == 0
+    assert "\n#SBATCH --signal=B:TERM@" in (root / "sweep.sbatch").read_text()
+    job = subprocess.Popen(["bash", str(root / "sweep.sbatch")],
+                           env={**os.environ, "SLURM_ARRAY_TASK_ID": "1"})
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and not (tmp_path / "started").exists():
+            time.sleep(0.02)
+        job.send_signal(signal.SIGTERM)  # what SLURM does, to the batch shell's pid
+        assert job.wait(timeout=10) == 143
+        assert (tmp_path / "seen").read_text() == "got-TERM\n"
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()

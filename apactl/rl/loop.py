@@ -30,7 +30,7 @@ from apactl.rl.advantages import add_advantages, kl_estimates
 from apactl.rl.rollout import Actors, RolloutPlan, collect_rollout
 from apactl.rl.update import UpdatePlan, update
 from apactl.sampling import Stream
-from apactl.training import Optimization, resume, save, save_final
+from apactl.training import Optimization, resume, save, save_final, stop_requested, stopped
 
 PHASES = ("generate", "verify", "offload", "score", "reward", "update")
 
@@ -180,8 +180,13 @@ def run_rl(run: RLRun) -> dict[str, float]:
             progress.update(1, reward=last["reward/score_mean"], kl=last["kl/ref_k1"],
                             len=last["response/length_mean"])
             run.hooks.call("on_step_end", it + 1, last)
-            if plan.save_every and (it + 1) % plan.save_every == 0 and it + 1 < plan.iterations:
+            saved = bool(plan.save_every) and (it + 1) % plan.save_every == 0
+            if saved and it + 1 < plan.iterations:
                 _save(run, it + 1, stats)
+            if it + 1 < plan.iterations and stop_requested(dist):  # SIGTERM: checkpoint, leave
+                if not saved:
+                    _save(run, it + 1, stats)
+                raise stopped(run.out, it + 1)
         _save(run, plan.iterations, stats)
         weights = _full_weights(run)
         save_final(run.out, lambda folder, final: _write_models(run, folder, final, weights,

@@ -43,6 +43,7 @@ STATE_FILE = "sweep.json"
 LOG_FILE = "sweep-stderr.log"  # the child's stderr, appended per attempt, inside its run folder
 STOP_GRACE_S = (3.0, 10.0)  # after Ctrl-C: wait for the child, then after forwarding SIGINT
 SCHEMA_VERSION = 1
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 # A few final metrics per kind for the progress table: column label -> metric.
 KEY_METRICS = {
     "align": {"reward": "reward/score_mean", "kl": "kl/ref_k1"},
@@ -122,6 +123,28 @@ def child_env() -> dict[str, str]:
     return env
 
 
+def die_with_parent() -> Callable[[], None] | None:
+    """For ``Popen(preexec_fn=...)`` on Linux: the child gets SIGTERM when the sweep dies (even
+    by SIGKILL), so no run goes on unwatched holding its folder's lock; apactl's SIGTERM stops
+    it at the next step with a checkpoint, which the next sweep resumes. None elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here: the child only calls
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def arm() -> None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if os.getppid() != parent:  # the sweep died before the line above: act on it now
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return arm
+
+
 class Child:
     """One run's process: stderr teed to ``echo`` and ``log`` while the tail is kept for the
     failure message; stdout passes straight through."""
@@ -132,7 +155,8 @@ class Child:
         self._tail = b""
         self._echo = echo
         try:
-            self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=child_env())
+            self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, env=child_env(),
+                                         preexec_fn=die_with_parent())
         except OSError:
             self._log.close()
             raise
@@ -205,7 +229,10 @@ def run_one(run: Run, entry: dict[str, Any], save: Callable[[], None],
         code = child.wait()
     except KeyboardInterrupt:
         child.stop()
-        close("interrupted", None, "interrupted (Ctrl-C)")
+        if child.proc.returncode == 0 and run_finished(run.folder):
+            close("finished", 0, None)  # it finished within the grace period
+        else:
+            close("interrupted", None, "interrupted (Ctrl-C)")
         raise
     if code == 0 and run_finished(run.folder):
         close("finished", 0, None)

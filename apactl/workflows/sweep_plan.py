@@ -29,6 +29,7 @@ from apactl.recipe import load_raw, parse_recipe
 KINDS = ("align", "sft", "rm")  # the commands that take --resume and write <output_dir>/final
 EMIT_FILES = {"slurm": "sweep.sbatch", "commands": "commands.txt"}
 MAX_NAME, CUT_NAME = 200, 180  # bytes; most file systems allow 255 per path component
+SIGNAL_LEAD_S = 300  # sbatch --signal: seconds before the time limit that SIGTERM is sent
 
 
 @dataclass(frozen=True)
@@ -265,13 +266,20 @@ def sbatch_text(plan: Plan, cwd: Path) -> str:
         "#SBATCH --job-name=apactl-sweep",
         f"#SBATCH --array=0-{len(plan.runs) - 1}",
         f"#SBATCH --output={log}",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --requeue",
+        "# SIGTERM ahead of the time limit (or of a pre-emption): the run finishes its step,",
+        "# writes a checkpoint and exits; the task re-queued (or submitted again) resumes it.",
+        "# Raise the lead time if one step plus a checkpoint takes longer.",
+        f"#SBATCH --signal=B:TERM@{SIGNAL_LEAD_S}",
         "set -euo pipefail",
         f"cd {shlex.quote(str(cwd))}",
         "RUNS=(",
     ]
     for i, (run, cmd) in enumerate(zip(plan.runs, emitted_commands(plan))):
         lines += [f"  # {i}: {run.name}", f"  {shlex.quote(cmd)}"]
-    lines += [")", 'eval "${RUNS[${SLURM_ARRAY_TASK_ID:?run with sbatch or set '
+    # exec: apactl becomes the batch shell, the process that --signal=B: signals.
+    lines += [")", 'eval "exec ${RUNS[${SLURM_ARRAY_TASK_ID:?run with sbatch or set '
               'SLURM_ARRAY_TASK_ID}]}"']
     return "\n".join(lines) + "\n"
 
