@@ -620,13 +620,14 @@ def test_stop_flag_first_sigterm_asks_second_one_leaves():
     from apactl.runtime import stop_on_sigterm
     from apactl.training import STOP
 
+    before = signal.getsignal(signal.SIGTERM)
     with stop_on_sigterm():
         os.kill(os.getpid(), signal.SIGTERM)
         assert STOP.signal == "SIGTERM"
         with pytest.raises(Terminated):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)  # the handler runs at the next bytecode
-    assert STOP.signal is None and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert STOP.signal is None and signal.getsignal(signal.SIGTERM) == before
 
 
 # align shares the stop check's code path (training.stop_requested) and costs 3 more runs.
