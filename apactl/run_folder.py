@@ -42,6 +42,8 @@ OPERATIONAL = (
     "run.device", "run.strategy", "run.deterministic", "train.save_every",
     "train.keep_checkpoints", "train.eval_every", "train.eval_prompts", "train.log_every",
     "train.eval_batch_size",
+    # Only decides whether a run with many bad rows stops; the rows used are the same.
+    "data.max_bad_fraction",
     # The global batch is what the math sees; its split into micro-batches is operational
     # (resuming on another world size changes it).
     "train.grad_accum", "train.forward_batch_size", "train.offload_frozen", "reward.batch_size",
