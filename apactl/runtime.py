@@ -75,7 +75,7 @@ def setup_run(recipe: RecipeBase, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(run.num_threads)
     if run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dist, rank_device = init_dist(run.device, run.dist_timeout_s)
+    dist, rank_device = init_dist(run.device, run.dist_timeout_s, group=run.strategy == "fsdp")
     check = getattr(getattr(recipe, "train", None), "check_world_size", None)
     if callable(check):
         try:

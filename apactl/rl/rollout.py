@@ -65,9 +65,9 @@ class Actors:
             return
         with torch.no_grad():
             if self.sharded:
-                from apactl.fsdp import full_weights_everywhere
+                from apactl.fsdp import copy_to_replica
 
-                self.sampler.load_state_dict(full_weights_everywhere(self.policy), strict=False)
+                copy_to_replica(self.policy, self.sampler)
                 return
             for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
                 dst.copy_(src)
@@ -120,7 +120,8 @@ def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, time
 
 def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
            ) -> dict[str, Any]:
-    """Sample and score one chunk; CPU tensors (they travel between ranks)."""
+    """Sample and score one chunk; its tensors stay on the device (they travel between ranks
+    as tensors on the process group's device, ``Dist.gather_chunks``)."""
     dev = actors.device
     q_ids, q_mask = left_pad([p["input_ids"] for p in prompts], plan.pad_id)
     q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
@@ -148,7 +149,7 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
     ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
     out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
            "scores": raw, "ended": ended, **scored}
-    return {**{k: v.cpu() for k, v in out.items()}, "texts": texts}
+    return {**out, "texts": texts}
 
 
 def _merge(chunks: list[dict], pad_id: int, device

@@ -36,7 +36,8 @@ def seeded_chunks(n: int, size: int, fn: Callable[[slice], T], seed: int, stream
                   key: tuple[int, ...] = (), dist: Dist | None = None) -> list[T]:
     """``fn(rows)`` for each chunk of ``size`` rows of ``n``, chunk j seeded with
     ``chunk_seed(seed, stream, *key, j)`` and run by rank j % world_size; every rank returns
-    all results in chunk order (results travel between ranks: keep them on the CPU)."""
+    all results in chunk order (a dict's tensors travel between ranks as tensors on the process
+    group's device, everything else as host objects: ``Dist.gather_chunks``)."""
     dist = dist or Dist()
     mine = {}
     for j, start in enumerate(range(0, n, size)):

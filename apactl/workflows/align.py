@@ -30,7 +30,7 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     tr, p = recipe.train, rt.precision
     policy, tok = load_policy(recipe.policy, rt.device, p.master_dtype,
                               freeze_bottom_layers=tr.freeze_bottom_layers)
-    sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
+    sharded = recipe.run.strategy == "fsdp" and rt.dist.joined
     if not sharded:  # an FSDP unit needs one dtype: sharded models keep fp32 throughout
         p.store_frozen(policy)
     offload = _offload(recipe, rt)
@@ -156,7 +156,7 @@ def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optim
     trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr), actors.sharded),
                 "critic": make_trainee("critic", actors.critic,
                                        schedule(recipe.critic.lr or tr.lr), actors.sharded)}
-    return Optimization(trainees, rt.dist, rt.precision.grad_scaler())
+    return Optimization(trainees, rt.dist, rt.precision.grad_scaler(actors.sharded))
 
 
 def make_kl(recipe: AlignRecipe):
