@@ -19,13 +19,11 @@ import torch
 
 
 def stack_scalars(values: list, device: torch.device) -> torch.Tensor:
-    """Floats and 0-dim tensors (on any device) as one float64 vector on ``device``; the tensors
-    are copied on the device (no host sync)."""
-    t = torch.tensor([0.0 if isinstance(v, torch.Tensor) else float(v) for v in values],
-                     dtype=torch.float64).to(device)
+    """Floats and 0-dim tensors (on any device) as one float64 vector on ``device``, filled in
+    place (kernel launches, no copy from pageable host memory, no host sync)."""
+    t = torch.zeros(len(values), dtype=torch.float64, device=device)
     for i, v in enumerate(values):
-        if isinstance(v, torch.Tensor):
-            t[i] = v.detach().reshape(())
+        t[i] = v.detach().reshape(()) if isinstance(v, torch.Tensor) else float(v)
     return t
 
 
@@ -112,6 +110,14 @@ class Dist:
         t = torch.tensor([float(value)], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t)
         return float(t.item())
+
+    def max_int(self, value: int) -> int:
+        """The largest ``value`` over ranks."""
+        if not self.enabled:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
 
     def gather_objects(self, obj) -> list:
         """Every rank's ``obj`` (picklable host data, no tensors), in rank order, on every rank."""

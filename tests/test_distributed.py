@@ -226,6 +226,18 @@ def test_fsdp_sft_matches_ddp_and_resumes_unsharded(tmp_path, cache):
     assert_same_run(one, two, ["final"])
 
 
+def test_fsdp_runs_in_one_process(tmp_path, cache):
+    """run.strategy=fsdp without a launcher: a process group of one, the model sharded over it
+    (one GPU can run and measure FSDP); it trains like plain ddp and its checkpoints resume in
+    a plain process."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    run_ok(1, *sft_args(one, cache, 2), "train.save_every=2")
+    res = launch(1, *sft_args(fsdp, cache, 2), "train.save_every=2", "run.strategy=fsdp")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "sharded (fsdp) over 1 process" in res.stderr + res.stdout
+    assert_same_run(one, fsdp, ["final", "checkpoints/step-00000004/model"])
+
+
 def test_fsdp_is_refused_where_nothing_trains(tmp_path, cache):
     res = launch(1, "eval", str(ROOT / "recipes/tiny/eval.yaml"), f"run.output_dir={tmp_path}",
                  "run.strategy=fsdp")
@@ -292,12 +304,19 @@ def test_chunk_seed_is_a_pure_function():
 
 
 def test_fsdp_align_matches_ddp_and_resumes_in_one_process(tmp_path, cache, align_runs):
-    """run.strategy=fsdp for align: policy and critic sharded per layer on 2 ranks (reference and
-    reward judge replicated; every rank computes the whole rollout with the chunk seeds ddp uses)
-    trains like 2 ddp ranks; an FSDP checkpoint resumes in 1 plain process."""
-    fsdp = tmp_path / "fsdp"
-    res = launch(2, *align_args(fsdp, cache, 1, "run.strategy=fsdp"))
+    """run.strategy=fsdp for align: policy and critic sharded per layer on 2 ranks (decode copy,
+    reference and reward judge replicated; each rank samples and scores its own chunks with the
+    chunk seeds ddp uses) trains like 2 ddp ranks; an FSDP checkpoint resumes in 1 plain
+    process."""
+    fsdp, counts = tmp_path / "fsdp", tmp_path / "counts"
+    counts.mkdir()
+    res = launch(2, *align_args(fsdp, cache, 1, "run.strategy=fsdp", "reward.name=helpers:counting",
+                                f"reward.args={{folder: {counts}}}"))
     assert res.returncode == 0, res.stderr[-4000:]
+    # 4 rollouts and 2 held-out evaluations of 8 prompts, in chunks of 4: each rank scored its
+    # half (before: both ranks generated and scored all 48 replies).
+    scored = {r: [int(x) for x in (counts / f"rank-{r}.txt").read_text().split()] for r in (0, 1)}
+    assert scored == {0: [4] * 6, 1: [4] * 6}, scored
     # FSDP reduce-scatters gradients and gathers weights in another order than ddp's one flat
     # all-reduce: weights agree to ~1e-7 relative; a mean of whitened advantages, zero by
     # construction, then differs by ~2e-6 (absolute tolerance 1e-5 here, 1e-6 elsewhere).

@@ -202,3 +202,28 @@ def test_fsdp_fp16_uses_a_sharded_scaler():
     assert isinstance(p.grad_scaler(sharded=True), ShardedGradScaler)
     assert not isinstance(p.grad_scaler(), ShardedGradScaler)
     assert Precision(torch.device("cpu"), "bf16", torch.bfloat16).grad_scaler(True) is None
+
+
+def test_deterministic_sets_cublas_workspace_before_cuda():
+    from apactl.runtime import deterministic_env
+
+    want = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    assert deterministic_env(True, "cuda", {}) == want
+    assert deterministic_env(True, "auto", {}) == want  # auto may pick CUDA
+    assert deterministic_env(True, "cpu", {}) == {}
+    assert deterministic_env(False, "cuda", {}) == {}
+    assert deterministic_env(True, "cuda", {"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == {}
+
+
+def test_setup_run_sets_it_in_the_process(tmp_path, monkeypatch):
+    import os
+
+    from helpers import tiny_recipe
+
+    from apactl.runtime import setup_run
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **kw: None)
+    with setup_run(tiny_recipe("sft", tmp_path / "run", "run.deterministic=true",
+                               "run.device=auto")):
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

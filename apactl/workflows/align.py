@@ -86,13 +86,17 @@ def _trunk_reuse(recipe: AlignRecipe, sharded: bool) -> bool:
 
 
 def _sharded_actors(rt: Runtime, policy, ref, critic, judge, tok, eos, offload) -> Actors:
-    """run.strategy=fsdp: policy and critic sharded per layer (FSDP2); the frozen reference and
-    reward model replicated. Sharded modules cannot be shared with unsharded ones, so the
-    frozen-trunk reuse is off (plain forwards)."""
+    """run.strategy=fsdp: policy and critic sharded per layer (FSDP2); the decode copy of the
+    policy, the frozen reference and reward model replicated. Sharded modules cannot be
+    shared with unsharded ones, so the frozen-trunk reuse is off (plain forwards)."""
     from apactl.fsdp import shard_model
     from apactl.rl.forward import PlainForwards
 
-    sampler = _sampler(policy, rt)  # a local 16-bit copy (CUDA), made before sharding
+    # The decode copy, made before sharding: 16-bit under mixed precision on CUDA, else a
+    # plain copy. It is replicated, so each rank samples its own chunks with no collective.
+    sampler = _sampler(policy, rt)
+    if sampler is policy:
+        sampler = copy.deepcopy(policy).requires_grad_(False).eval()
     shard_model(policy, rt.precision)
     shard_model(critic, rt.precision)
     return Actors(policy, ref, critic, judge, tok, eos, rt.device,
