@@ -175,7 +175,8 @@ class Dist:
 
         A result that is a dict travels as its tensors, packed into one byte buffer on
         ``device`` (one all_gather), and the rest (texts, scores lists, shapes) as host
-        objects; any other result travels as a host object. Received tensors are on ``device``.
+        objects; any other result travels as a host object. Received tensors are on ``device``
+        (host tensors come back to the host).
         """
         if not self.enabled:
             return [mine[j] for j in sorted(mine)]
@@ -193,7 +194,7 @@ _ALIGN = 8
 
 def pack_skeleton(mine: dict[int, object]) -> tuple[dict, list[torch.Tensor]]:
     """(what a receiver needs to rebuild ``mine`` besides tensor bytes, the tensors in order).
-    A tensor's entry is (shape, dtype); other values are kept as they are."""
+    A tensor's entry is (shape, dtype, on the host); other values are kept as they are."""
     skeleton, tensors = {}, []
     for j in sorted(mine):
         value = mine[j]
@@ -203,7 +204,7 @@ def pack_skeleton(mine: dict[int, object]) -> tuple[dict, list[torch.Tensor]]:
         entry = {}
         for k, v in value.items():
             if isinstance(v, torch.Tensor):
-                entry[k] = ("tensor", tuple(v.shape), v.dtype)
+                entry[k] = ("tensor", tuple(v.shape), v.dtype, v.device.type == "cpu")
                 tensors.append(v)
             else:
                 entry[k] = ("object", v)
@@ -224,7 +225,8 @@ def pack_bytes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tenso
 
 
 def unpack(skeleton: dict, buf: torch.Tensor) -> dict[int, object]:
-    """Inverse of ``pack_skeleton`` + ``pack_bytes``: tensors on ``buf``'s device."""
+    """Inverse of ``pack_skeleton`` + ``pack_bytes``: a tensor that was on the host comes back
+    to the host (a CPU tensor of a caller stays one), the others are on ``buf``'s device."""
     out: dict[int, object] = {}
     offset = 0
     for j, (kind, value) in skeleton.items():
@@ -236,10 +238,11 @@ def unpack(skeleton: dict, buf: torch.Tensor) -> dict[int, object]:
             if what == "object":
                 entry[k] = spec[0]
                 continue
-            shape, dtype = spec
+            shape, dtype, on_host = spec
             n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
             # A copy of its own: views of one buffer as several dtypes cannot be saved.
-            entry[k] = buf[offset:offset + n].view(dtype).reshape(shape).clone()
+            t = buf[offset:offset + n].view(dtype).reshape(shape)
+            entry[k] = t.cpu() if on_host and t.device.type != "cpu" else t.clone()
             offset += -(-n // _ALIGN) * _ALIGN
         out[j] = entry
     return out
