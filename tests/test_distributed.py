@@ -310,8 +310,8 @@ def test_fsdp_align_matches_ddp_and_resumes_in_one_process(tmp_path, cache, alig
     process."""
     fsdp, counts = tmp_path / "fsdp", tmp_path / "counts"
     counts.mkdir()
-    res = launch(2, *align_args(fsdp, cache, 1, "run.strategy=fsdp", "reward.name=helpers:counting",
-                                f"reward.args={{folder: {counts}}}"))
+    judge = ["reward.name=helpers:counting", f"reward.args={{folder: {counts}}}"]
+    res = launch(2, *align_args(fsdp, cache, 1, "run.strategy=fsdp", *judge))
     assert res.returncode == 0, res.stderr[-4000:]
     # 4 rollouts and 2 held-out evaluations of 8 prompts, in chunks of 4: each rank scored its
     # half (before: both ranks generated and scored all 48 replies).
@@ -323,6 +323,6 @@ def test_fsdp_align_matches_ddp_and_resumes_in_one_process(tmp_path, cache, alig
     gaps = assert_same_run(align_runs[2], fsdp, ["final/policy", "final/critic"], atol=1e-5)
     assert "policy/grad_norm" in gaps and "eval/score_mean" in gaps
     cut_back(fsdp, tmp_path / "resumed")
-    run_ok(1, *align_args(tmp_path / "resumed", cache, 2), "--resume")
+    run_ok(1, *align_args(tmp_path / "resumed", cache, 2, *judge), "--resume")
     assert_same_run(align_runs[1], tmp_path / "resumed", ["final/policy", "final/critic"],
                     atol=1e-5)
