@@ -213,29 +213,24 @@ def test_align_resumes_on_another_world_size(tmp_path, cache, align_runs, saved_
 
 # ----------------------------------------------------------------------------------- fsdp
 def test_fsdp_sft_matches_ddp_and_resumes_unsharded(tmp_path, cache):
-    """run.strategy=fsdp on 2 CPU ranks (FSDP2, gloo) trains like 1 ddp process; its
-    checkpoints are unsharded, so 1 plain process resumes one. Gradient norms and eval sums are
-    reduced in another order under FSDP: agreement to ~1e-7, inside the tolerance."""
+    """run.strategy=fsdp on 2 CPU ranks (FSDP2, gloo), and in 1 process, trains like 1 ddp
+    process; its checkpoints are unsharded, so 1 plain process resumes one. Gradient norms and
+    eval sums are reduced in another order under FSDP: agreement to ~1e-7, inside the
+    tolerance."""
     one, two = tmp_path / "one", tmp_path / "fsdp"
     run_ok(1, *sft_args(one, cache, 2), "train.save_every=2")
     run_ok(2, *sft_args(two, cache, 1), "train.save_every=2", "run.strategy=fsdp")
     assert_same_run(one, two, ["final", "checkpoints/step-00000004/model"])
+    # Without a launcher: a process group of one, the model sharded over it (one GPU can run
+    # and measure FSDP; before, it was silently plain ddp).
+    res = launch(1, *sft_args(tmp_path / "fsdp1", cache, 2), "run.strategy=fsdp")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "sharded (fsdp) over 1 process" in res.stderr + res.stdout
+    assert_same_run(one, tmp_path / "fsdp1", ["final"])
     shutil.rmtree(two / "checkpoints/step-00000004")
     shutil.rmtree(two / "final")
     run_ok(1, *sft_args(two, cache, 2), "--resume")
     assert_same_run(one, two, ["final"])
-
-
-def test_fsdp_runs_in_one_process(tmp_path, cache):
-    """run.strategy=fsdp without a launcher: a process group of one, the model sharded over it
-    (one GPU can run and measure FSDP); it trains like plain ddp and its checkpoints resume in
-    a plain process."""
-    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
-    run_ok(1, *sft_args(one, cache, 2), "train.save_every=2")
-    res = launch(1, *sft_args(fsdp, cache, 2), "train.save_every=2", "run.strategy=fsdp")
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert "sharded (fsdp) over 1 process" in res.stderr + res.stdout
-    assert_same_run(one, fsdp, ["final", "checkpoints/step-00000004/model"])
 
 
 def test_fsdp_is_refused_where_nothing_trains(tmp_path, cache):
