@@ -163,12 +163,19 @@ def _two_ranks(rank: int, store: str, out: str) -> None:
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.full((3,), float(rank))
     d.all_reduce_grads([p])
+    # Buckets of ~8 bytes: three messages for three gradients (mixed dtypes, one without grad).
+    small = [torch.nn.Parameter(torch.zeros(n, dtype=dt)) for n, dt in
+             ((4, torch.float32), (2, torch.float64), (5, torch.float32), (1, torch.float32))]
+    for i, q in enumerate(small[:3]):
+        q.grad = torch.full_like(q, float(rank * (i + 1)))
+    d.all_reduce_grads(small, bucket_bytes=8)
     # Items 0..4 sharded: rank 0 holds 0, 2, 4 and rank 1 holds 1, 3 (uneven).
     mine = torch.tensor(d.shard(list(range(5))), dtype=torch.float32) * 10
     chunks = {j: {"x": torch.full((j + 1, 2), float(j)), "m": torch.tensor([j % 2 == 0] * j),
                   "t": [f"text {j}"]} for j in range(5) if d.owns(j)}
     res = {"mean": d.mean_dict({"a": float(rank), "b": torch.tensor(2.0 * rank)}),
            "sum": d.sum_scalar(rank + 1), "unshard": d.unshard(mine), "grad": p.grad,
+           "buckets": [q.grad for q in small],
            "chunks": d.gather_chunks(chunks),
            "labels": d.gather_chunks({j: [j] for j in range(5) if d.owns(j)}),
            "bcast": d.broadcast_object("from 0" if rank == 0 else None)}
@@ -186,6 +193,8 @@ def test_two_gloo_ranks(tmp_path):
         assert res["sum"] == 3.0
         assert torch.equal(res["unshard"], torch.arange(5.0) * 10)
         assert torch.equal(res["grad"], torch.full((3,), 0.5))
+        assert [None if g is None else g.tolist() for g in res["buckets"]] == \
+            [[0.5] * 4, [1.0] * 2, [1.5] * 5, None]
         assert res["bcast"] == "from 0"
         assert res["labels"] == [[j] for j in range(5)]
         for j, c in enumerate(res["chunks"]):
