@@ -164,6 +164,7 @@ def test_non_finite_is_skipped_under_loss_scaling_then_declared():
     assert streak == MAX_SKIPPED_STEPS and "in a row under fp16 loss scaling" in why
 
 
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step")
 def test_fp16_scaler_skips_an_overflowing_step():
     """Before: backward raised DivergedError on the first inf loss, before the scaler could
     skip the step. Now the step is skipped (weights unchanged, scale halved), training goes on,
