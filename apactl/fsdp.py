@@ -93,12 +93,32 @@ def load_optimizer(model: torch.nn.Module, opt, state: dict[str, Any]) -> None:
 
 
 
-def full_weights_everywhere(model: torch.nn.Module) -> dict[str, Any]:
-    """The unsharded weights on every rank, on the model's device (a collective): what a local
-    copy of the model (the 16-bit sampler of a CUDA run) is refreshed from."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+def copy_to_replica(model: torch.nn.Module, replica: torch.nn.Module) -> None:
+    """Copy a sharded ``model``'s weights into ``replica``, an unsharded local copy of it (the
+    sampler), in place, one parameter at a time: each is all-gathered, copied (cast to the
+    replica's dtype) and dropped, so a rank never holds more than one unsharded parameter
+    besides the replica (not the whole fp32 model). A collective: every rank calls it, and
+    visits the parameters in the same order.
 
-    return get_model_state_dict(model, options=_options())
+    The names must match exactly, a tied LM head excepted (one side may list it, the other
+    not): a replica that silently missed a weight would decode from stale weights forever.
+    """
+    from torch.distributed.tensor import DTensor
+
+    from apactl.checkpoint import is_tied
+
+    src, dst = dict(model.named_parameters()), dict(replica.named_parameters())
+    missing = sorted(k for k in src.keys() - dst.keys() if not is_tied(model, k))
+    unexpected = sorted(k for k in dst.keys() - src.keys() if not is_tied(replica, k))
+    if missing or unexpected:
+        raise RuntimeError(f"the sampler copy does not match the policy: missing {missing[:4]}, "
+                           f"unexpected {unexpected[:4]}")
+    with torch.no_grad():
+        for name, p in src.items():
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            if name in dst:
+                dst[name].copy_(full)
+            del full
 
 
 def load_full_weights(model: torch.nn.Module, folder) -> None:

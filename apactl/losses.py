@@ -5,10 +5,11 @@ Shapes: B = sequences in the minibatch, T = padded response length, V = vocabula
 Every per-token input is [B, T]; `mask` is [B, T] with 1 on valid response tokens, 0 on padding.
 Each loss returns (loss, stats): `loss` is a scalar token-level masked mean, i.e. the sum over
 all valid tokens of the minibatch divided by their count (long responses weigh more than short
-ones); `stats` holds python floats computed without gradient (the loop logs the loss value itself as
-``loss/policy`` / ``loss/value``). Padding never contributes to a
-loss or to a gradient: differences are zeroed at padding *before* any nonlinearity, so even
-inf/nan padding values cannot turn into nan gradients.
+ones); `stats` holds 0-dim tensors computed without gradient, read back to the host once
+per optimizer step (the loop logs the loss value itself as ``loss/policy`` /
+``loss/value``). Padding never contributes to a loss or to a gradient: differences are
+zeroed at padding *before* any nonlinearity, so even inf/nan padding values cannot turn into
+nan gradients.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from torch import Tensor
 from apactl.masked import masked_mean, zero_padding
 
 
-def _stats(mask: Tensor, **named: Tensor) -> dict[str, float]:
-    """Masked means of the given [B, T] tensors as python floats."""
+def _stats(mask: Tensor, **named: Tensor) -> dict[str, Tensor]:
+    """Masked means of the given [B, T] tensors, 0-dim on their device (the caller reads them
+    back once per optimizer step, not once per statistic)."""
     with torch.no_grad():
-        return {name: masked_mean(t.detach().float(), mask).item() for name, t in named.items()}
+        return {name: masked_mean(t.detach().float(), mask) for name, t in named.items()}
 
 
 def apa_loss(
     logprobs: Tensor, anchor_logprobs: Tensor, advantages: Tensor, mask: Tensor, lam: float = 0.1
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Advantage-Induced Policy Alignment (Zhu et al. 2023), token level.
 
     L = mean_t (logp_t - anchor_t - A_t / lam)^2, whose minimiser over policies is
@@ -58,7 +60,7 @@ def apa_loss(
 
 def ppo_loss(
     logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_eps: float = 0.2
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate: -mean_t min(rho_t * A_t, clip(rho_t, 1-eps, 1+eps) * A_t).
 
     rho_t = exp(logp_t - old_t). Stats: `policy/clip_frac` is the fraction of valid tokens
@@ -87,7 +89,7 @@ def ppo_loss(
 
 def awr_loss(
     logprobs: Tensor, advantages: Tensor, mask: Tensor, lam: float = 1.0, max_weight: float = 20.0
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Advantage-weighted regression: -mean_t w_t * logp_t, w_t = min(exp(A_t / lam), max_weight).
 
     The weights are constants (detached). They are computed as exp(min(A/lam, log max_weight))
@@ -108,7 +110,7 @@ def awr_loss(
 
 def value_loss(
     values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip: float | None = None
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Critic regression: 0.5 * mean_t (V_t - R_t)^2.
 
     With `clip` set (PPO style): V_clip = old + clamp(V - old, -clip, clip) and
@@ -146,7 +148,7 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0
-                       ) -> tuple[Tensor, dict[str, float]]:
+                       ) -> tuple[Tensor, dict[str, Tensor]]:
     """Pairwise reward-model loss (Bradley & Terry 1952; Ouyang et al. 2022, eq. 1):
     mean_i -log sigmoid(r_chosen_i - r_rejected_i - margin) over scores [B] and [B].
 
@@ -156,6 +158,6 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0
     gap = chosen.float() - rejected.float()
     loss = -F.logsigmoid(gap - margin).mean()
     with torch.no_grad():
-        stats = {"train/loss": loss.item(), "train/accuracy": (gap > 0).float().mean().item(),
-                 "train/margin": gap.mean().item()}
+        stats = {"train/loss": loss.detach(), "train/accuracy": (gap > 0).float().mean(),
+                 "train/margin": gap.mean()}
     return loss, stats

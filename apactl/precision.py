@@ -56,10 +56,18 @@ class Precision:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def grad_scaler(self):
-        """A loss scaler for fp16 (its 5-bit exponent underflows small gradients), else None."""
+    def grad_scaler(self, sharded: bool = False):
+        """A loss scaler for fp16 (its 5-bit exponent underflows small gradients), else None.
+
+        ``sharded`` (FSDP): each rank holds a shard of the gradients, so each would find its own
+        infs and skip (or not) on its own; the sharded scaler all-reduces ``found_inf`` so that
+        every rank skips the same steps and keeps the same scale."""
         if self.mode != "fp16":
             return None
+        if sharded:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            return ShardedGradScaler(self.device.type)
         return torch.amp.GradScaler(self.device.type)
 
     def store_frozen(self, model: torch.nn.Module) -> torch.nn.Module:

@@ -83,7 +83,10 @@ def setup_run(recipe: RecipeBase, resume: bool = False, overwrite: bool = False,
         torch.set_num_threads(run.num_threads)
     if run.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    dist, rank_device = init_dist(run.device, run.dist_timeout_s)
+    # Before anything touches CUDA (the process group below may): cuBLAS reads it at start-up.
+    os.environ.update(deterministic_env(run.deterministic, run.device, os.environ))
+    dist, rank_device = init_dist(run.device, run.dist_timeout_s,
+                                  group=run.strategy == "fsdp")
     check = getattr(getattr(recipe, "train", None), "check_world_size", None)
     if callable(check):
         try:
@@ -95,6 +98,10 @@ def setup_run(recipe: RecipeBase, resume: bool = False, overwrite: bool = False,
     precision = resolve_precision(run, rank_device or resolve_device(run))
     # Only rank 0 talks: the other ranks' messages, bars and warnings would repeat its own.
     console.quiet = not dist.is_main
+    if run.strategy == "fsdp" and dist.joined:
+        n = dist.world_size
+        console.print(f"run.strategy: fsdp: trained models sharded (fsdp) over {n} "
+                      f"process{'es' if n > 1 else ''}")
     _quiet_libraries()
     rt = Runtime(precision, Path(run.output_dir), dist)
     try:
@@ -108,6 +115,16 @@ def setup_run(recipe: RecipeBase, resume: bool = False, overwrite: bool = False,
                       "round away, so small learning rates (~1e-6) barely move the weights; "
                       "run.mixed_precision=bf16 keeps fp32 master weights")
     return rt
+
+
+def deterministic_env(deterministic: bool, device: str, environ) -> dict[str, str]:
+    """The environment variables ``run.deterministic`` needs on ``device`` (``run.device``),
+    given the process's ``environ``: cuBLAS's deterministic matmuls need a fixed workspace
+    (``CUBLAS_WORKSPACE_CONFIG``; without it torch warns, or raises, at the first matmul under
+    ``use_deterministic_algorithms``). A value the user set is kept."""
+    if not deterministic or device == "cpu" or "CUBLAS_WORKSPACE_CONFIG" in environ:
+        return {}
+    return {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
 
 
 def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,

@@ -36,7 +36,8 @@ from apactl.training import (
     stopped,
 )
 
-# loss_fn(model, batch) -> (loss, stats, n_tokens): loss is the micro-batch mean; stats are floats.
+# loss_fn(model, batch) -> (loss, stats, n_tokens): loss is the micro-batch mean; stats and
+# n_tokens are 0-dim tensors (read back once per optimizer step) or numbers.
 LossFn = Callable[[torch.nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, dict, int]]
 
 
@@ -160,7 +161,7 @@ def _optimization(task: SupervisedTask, s: Setup, n_steps: int) -> Optimization:
     warmup = tr.warmup_steps or int(round(tr.warmup_ratio * n_steps))
     sched = Schedule(tr.lr, tr.weight_decay, tr.schedule, warmup, n_steps, tr.max_grad_norm)
     trainee = make_trainee("train", task.model, sched, sharded=task.sharded)
-    return Optimization({"train": trainee}, task.dist, s.precision.grad_scaler())
+    return Optimization({"train": trainee}, task.dist, s.precision.grad_scaler(task.sharded))
 
 
 def _loop(task, s: Setup, opt: Optimization, logger, progress, start: int,
@@ -206,11 +207,14 @@ def _train_step(task, s: Setup, opt: Optimization, step: int) -> dict[str, float
         with s.precision.autocast():
             loss, stats, ntok = task.loss_fn(task.model, batch)
         opt.backward(loss, train.grad_accum)
-        n_tokens += ntok
+        n_tokens = n_tokens + ntok
         for key, v in stats.items():
             totals[key] = totals.get(key, 0.0) + v / train.grad_accum
-    totals["train/lr"] = opt.trainees["train"].lr
-    totals["train/grad_norm"] = opt.step()["train/grad_norm"]
+    lr = opt.trainees["train"].lr
+    # The statistics stay on the device until the step's one host sync reads them.
+    totals = opt.step(None, {**totals, "perf/tokens": n_tokens})
+    n_tokens = totals.pop("perf/tokens")
+    totals["train/lr"] = lr
     dt = time.perf_counter() - t0
     totals["perf/tokens_per_s"] = n_tokens / dt
     totals["perf/step_s"] = dt

@@ -93,9 +93,33 @@ def micro_batches(n_rows: int, accum: int, dist: Dist) -> list[slice]:
     return out
 
 
-def _norm(norm: torch.Tensor) -> float:
+def _norm(norm: torch.Tensor) -> torch.Tensor:
     # Sharded gradients give a DTensor norm; its full value is the global norm.
-    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+# fp16: steps in a row the loss scaler may skip for an inf/nan before the run is declared
+# diverged. Each skip halves the scale (2^16 at the start): 24 skips take it below 2^-8, where
+# no gradient of a sane loss overflows any more.
+MAX_SKIPPED_STEPS = 24
+
+
+def non_finite(loss: float, norms: dict[str, float], scaled: bool, streak: int
+               ) -> tuple[str | None, int]:
+    """(why the run diverged, or None; non-finite steps in a row so far) after a step whose
+    mean loss is ``loss`` and gradient norms ``norms``. Without loss scaling an inf/nan ends the
+    run at once; under fp16 loss scaling the scaler skips such a step and lowers its scale (an
+    overflow it expects now and then), and only ``MAX_SKIPPED_STEPS`` in a row end it."""
+    bad = {k: v for k, v in {"loss": loss, **norms}.items() if not math.isfinite(v)}
+    if not bad:
+        return None, 0
+    streak += 1
+    if scaled and streak < MAX_SKIPPED_STEPS:
+        return None, streak
+    what, value = next(iter(bad.items()))
+    name = "the loss" if what == "loss" else f"the {what.removesuffix('/grad_norm')} gradient norm"
+    again = f" for {streak} steps in a row under fp16 loss scaling" if scaled else ""
+    return f"{name} became {value}{again}", streak
 
 
 @dataclass
@@ -117,8 +141,23 @@ class Watch:
             self.seen.add(key)
             self.emit(msg)
 
+    def weight_norms(self, step: int, trainees: dict[str, Trainee]) -> dict[str, torch.Tensor]:
+        """The weight norms ``observe`` checks at ``step`` (one step in ``patience``), on the
+        device: the optimizer step reads them back with its other numbers."""
+        if step % self.patience != 1:
+            return {}
+        out = {}
+        for name, t in trainees.items():
+            if t.sharded or not t.params():
+                continue  # a DTensor's local norm is not the model's
+            with torch.no_grad():
+                out[name] = torch.stack([p.float().norm() for p in t.params()]).norm()
+        return out
+
     def observe(self, step: int, loss: float, norms: dict[str, float],
-                trainees: dict[str, Trainee]) -> None:
+                weights: dict[str, float]) -> None:
+        """After optimizer step ``step``: its mean loss, gradient norms and the weight norms
+        asked for by ``weight_norms`` (empty on most steps)."""
         self.zero_grad = self.zero_grad + 1 if norms and not any(norms.values()) else 0
         if self.zero_grad >= self.patience:
             self.once("grad", f"every gradient has been exactly 0 for {self.zero_grad} steps "
@@ -129,16 +168,7 @@ class Watch:
         if self.flat >= self.patience:
             self.once("loss", f"the loss has not moved for {self.flat} steps ({loss:.6g} at "
                       f"step {step})")
-        if step % self.patience == 1:
-            self._norms(step, trainees)
-
-    def _norms(self, step: int, trainees: dict[str, Trainee]) -> None:
-        for name, t in trainees.items():
-            if t.sharded:
-                continue  # a DTensor's local norm is not the model's
-            with torch.no_grad():
-                norm = float(torch.stack([p.float().norm() for p in t.params()]).norm()) \
-                    if t.params() else 0.0
+        for name, norm in weights.items():
             first = self.norms0.setdefault(name, norm)
             if first > 0 and norm > 100 * first:
                 self.once(f"norm/{name}", f"the {name} weights' norm grew {norm / first:.0f}x "
@@ -156,47 +186,60 @@ class Optimization:
     where: Callable[[], str] = lambda: ""  # "at step N": named in divergence errors
     watch: Watch = field(default_factory=Watch)
     steps: int = 0
-    _loss: float = 0.0
+    skipped: int = 0  # fp16: non-finite steps in a row, skipped by the scaler
+    _loss: torch.Tensor | float = 0.0
 
     def backward(self, loss: torch.Tensor, accum: int) -> None:
-        """Accumulate the gradient of one micro-batch's mean loss (``loss / accum``)."""
-        value = loss.item()
-        if not math.isfinite(value):
-            raise DivergedError(f"the loss became {value} {self.where()}: the run "
-                                "diverged; lower train.lr (or check the data)")
-        self._loss += value / accum
+        """Accumulate the gradient of one micro-batch's mean loss (``loss / accum``). The loss
+        stays on the device (no host sync): ``step`` reads it with everything else."""
+        self._loss = self._loss + loss.detach().float() / accum
         scaled = loss / accum
         (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
 
-    def step(self, names: list[str] | None = None) -> dict[str, float]:
-        """Step the named trainees (default: all); returns ``{name}/grad_norm`` of each."""
-        norms = {}
-        for name in names or list(self.trainees):
-            norms[f"{name}/grad_norm"] = self._step_one(self.trainees[name])
-        if self.scaler is not None:
-            self.scaler.update()
-        self.steps += 1
-        self.watch.observe(self.steps, self._loss, norms, self.trainees)
-        self._loss = 0.0
-        return norms
+    def step(self, names: list[str] | None = None,
+             stats: dict[str, torch.Tensor | float] | None = None) -> dict[str, float]:
+        """Step the named trainees (default: all); returns ``{name}/grad_norm`` of each and
+        ``stats`` (the caller's statistics of this step, tensors or floats) as floats: one host
+        sync per optimizer step reads the loss, the norms and the statistics together."""
+        from apactl.distributed import read_scalars
 
-    def _step_one(self, t: Trainee) -> float:
+        names = names or list(self.trainees)
+        norms = {f"{n}/grad_norm": self._clip(self.trainees[n]) for n in names}
+        stats = stats or {}
+        weights = {f"weights/{k}": v
+                   for k, v in self.watch.weight_norms(self.steps + 1, self.trainees).items()}
+        values = read_scalars({"loss": self._loss, **norms, **weights, **stats})
+        loss = values.pop("loss")
+        norm_values = {k: values.pop(k) for k in norms}
+        weight_values = {k.removeprefix("weights/"): values.pop(k) for k in weights}
+        why, self.skipped = non_finite(loss, norm_values, self.scaler is not None, self.skipped)
+        if why is not None:
+            raise DivergedError(f"{why} {self.where()}: the run diverged; lower train.lr (or "
+                                "check the data)")
+        for n in names:
+            t = self.trainees[n]
+            if self.scaler is not None:
+                self.scaler.step(t.optimizer)  # skips the step on inf/nan
+            else:
+                t.optimizer.step()
+            t.scheduler.step()
+            t.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.update()  # lowers the scale after a skipped step
+        self.steps += 1
+        self.watch.observe(self.steps, loss, norm_values, weight_values)
+        self._loss = 0.0
+        return {**norm_values, **values}
+
+    def _clip(self, t: Trainee) -> torch.Tensor:
+        """All-reduce (ddp), unscale (fp16) and clip ``t``'s gradients; their norm, on the
+        device."""
         params = t.params()
         if not t.sharded:  # fsdp has already averaged (reduce-scattered) its gradients
             self.dist.all_reduce_grads(params)  # before clipping: the global batch's norm
         if self.scaler is not None:
             self.scaler.unscale_(t.optimizer)
-        norm = _norm(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
-        if not math.isfinite(norm) and self.scaler is None:
-            raise DivergedError(f"the {t.name} gradient norm became {norm} {self.where()}: "
-                                "the run diverged; lower train.lr")
-        if self.scaler is not None:
-            self.scaler.step(t.optimizer)  # skips the step on inf/nan and lowers the scale
-        else:
-            t.optimizer.step()
-        t.scheduler.step()
-        t.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return _norm(torch.nn.utils.clip_grad_norm_(params, t.max_grad_norm or math.inf))
 
     # ------------------------------------------------------------------ checkpoint state
     def state_dict(self) -> dict[str, Any]:

@@ -88,3 +88,28 @@ class KillOnceJudge:
 
 def kill_once(marker: str, at: int, chars: str = "a") -> KillOnceJudge:
     return KillOnceJudge(marker, at, chars)
+
+
+class CountingJudge:
+    """The tiny recipe's char-fraction reward that also appends, per call, the number of replies
+    it scored to ``<folder>/rank-<r>.txt``: which rank generated and scored what. Named in
+    recipes as ``helpers:counting``."""
+
+    name = "counting"
+
+    def __init__(self, folder: str, chars: str = "a"):
+        from apactl.judges.builtin import CharFractionJudge
+
+        self.folder, self.inner = Path(folder), CharFractionJudge(chars)
+
+    def score(self, prompts, responses):
+        import torch.distributed as td
+
+        rank = td.get_rank() if td.is_available() and td.is_initialized() else 0
+        with open(self.folder / f"rank-{rank}.txt", "a") as f:
+            f.write(f"{len(responses)}\n")
+        return self.inner.score(prompts, responses)
+
+
+def counting(folder: str, chars: str = "a") -> CountingJudge:
+    return CountingJudge(folder, chars)

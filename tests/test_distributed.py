@@ -213,13 +213,20 @@ def test_align_resumes_on_another_world_size(tmp_path, cache, align_runs, saved_
 
 # ----------------------------------------------------------------------------------- fsdp
 def test_fsdp_sft_matches_ddp_and_resumes_unsharded(tmp_path, cache):
-    """run.strategy=fsdp on 2 CPU ranks (FSDP2, gloo) trains like 1 ddp process; its
-    checkpoints are unsharded, so 1 plain process resumes one. Gradient norms and eval sums are
-    reduced in another order under FSDP: agreement to ~1e-7, inside the tolerance."""
+    """run.strategy=fsdp on 2 CPU ranks (FSDP2, gloo), and in 1 process, trains like 1 ddp
+    process; its checkpoints are unsharded, so 1 plain process resumes one. Gradient norms and
+    eval sums are reduced in another order under FSDP: agreement to ~1e-7, inside the
+    tolerance."""
     one, two = tmp_path / "one", tmp_path / "fsdp"
     run_ok(1, *sft_args(one, cache, 2), "train.save_every=2")
     run_ok(2, *sft_args(two, cache, 1), "train.save_every=2", "run.strategy=fsdp")
     assert_same_run(one, two, ["final", "checkpoints/step-00000004/model"])
+    # Without a launcher: a process group of one, the model sharded over it (one GPU can run
+    # and measure FSDP; before, it was silently plain ddp).
+    res = launch(1, *sft_args(tmp_path / "fsdp1", cache, 2), "run.strategy=fsdp")
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert "sharded (fsdp) over 1 process" in res.stderr + res.stdout
+    assert_same_run(one, tmp_path / "fsdp1", ["final"])
     shutil.rmtree(two / "checkpoints/step-00000004")
     shutil.rmtree(two / "final")
     run_ok(1, *sft_args(two, cache, 2), "--resume")
@@ -292,18 +299,25 @@ def test_chunk_seed_is_a_pure_function():
 
 
 def test_fsdp_align_matches_ddp_and_resumes_in_one_process(tmp_path, cache, align_runs):
-    """run.strategy=fsdp for align: policy and critic sharded per layer on 2 ranks (reference and
-    reward judge replicated; every rank computes the whole rollout with the chunk seeds ddp uses)
-    trains like 2 ddp ranks; an FSDP checkpoint resumes in 1 plain process."""
-    fsdp = tmp_path / "fsdp"
-    res = launch(2, *align_args(fsdp, cache, 1, "run.strategy=fsdp"))
+    """run.strategy=fsdp for align: policy and critic sharded per layer on 2 ranks (decode copy,
+    reference and reward judge replicated; each rank samples and scores its own chunks with the
+    chunk seeds ddp uses) trains like 2 ddp ranks; an FSDP checkpoint resumes in 1 plain
+    process."""
+    fsdp, counts = tmp_path / "fsdp", tmp_path / "counts"
+    counts.mkdir()
+    judge = ["reward.name=helpers:counting", f"reward.args={{folder: {counts}}}"]
+    res = launch(2, *align_args(fsdp, cache, 1, "run.strategy=fsdp", *judge))
     assert res.returncode == 0, res.stderr[-4000:]
+    # 4 rollouts and 2 held-out evaluations of 8 prompts, in chunks of 4: each rank scored its
+    # half (before: both ranks generated and scored all 48 replies).
+    scored = {r: [int(x) for x in (counts / f"rank-{r}.txt").read_text().split()] for r in (0, 1)}
+    assert scored == {0: [4] * 6, 1: [4] * 6}, scored
     # FSDP reduce-scatters gradients and gathers weights in another order than ddp's one flat
     # all-reduce: weights agree to ~1e-7 relative; a mean of whitened advantages, zero by
     # construction, then differs by ~2e-6 (absolute tolerance 1e-5 here, 1e-6 elsewhere).
     gaps = assert_same_run(align_runs[2], fsdp, ["final/policy", "final/critic"], atol=1e-5)
     assert "policy/grad_norm" in gaps and "eval/score_mean" in gaps
     cut_back(fsdp, tmp_path / "resumed")
-    run_ok(1, *align_args(tmp_path / "resumed", cache, 2), "--resume")
+    run_ok(1, *align_args(tmp_path / "resumed", cache, 2, *judge), "--resume")
     assert_same_run(align_runs[1], tmp_path / "resumed", ["final/policy", "final/critic"],
                     atol=1e-5)

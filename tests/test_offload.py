@@ -115,3 +115,24 @@ def test_offloaded_model_holds_no_gpu_memory_between_uses():
         assert m.weight.is_cuda
         assert torch.equal(m(x), want)
     assert torch.cuda.memory_allocated() <= held - 1024 * 1024 * 4
+
+
+def test_one_host_buffer_per_model():
+    """Every tensor of an added model is a view of one host buffer (one pinned allocation on a
+    GPU, not one rounded-up block per tensor), and the values round-trip unchanged."""
+    m = frozen_model()
+    other = torch.nn.Linear(3, 5).requires_grad_(False)
+    before = {n: t.clone() for n, t in m.state_dict().items()}
+    off = stand_in()
+    off.add(m)
+    off.add(other)
+    assert len(off.buffers) == 2
+    storages = {t.untyped_storage().data_ptr() for t, _ in off.slots[:2]}
+    assert storages == {off.buffers[0].untyped_storage().data_ptr()}
+    assert {t.untyped_storage().data_ptr() for t, _ in off.slots[2:]} == \
+        {off.buffers[1].untyped_storage().data_ptr()}
+    assert all(t.data_ptr() % 64 == 0 for t, _ in off.slots)
+    with off.on_device():
+        assert torch.equal(m(torch.tensor([1, 2])), m[1](m[0](torch.tensor([1, 2]))))
+    assert all(torch.equal(before[n], t) for n, t in m.state_dict().items())
+    assert m[1].weight is m[0].weight

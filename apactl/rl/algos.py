@@ -32,6 +32,6 @@ def _awr(cfg: AWRConfig, logprobs: Tensor, mb: Rollout):
 POLICY_LOSSES: dict[str, Callable] = {"apa": _apa, "ppo": _ppo, "awr": _awr}
 
 
-def policy_loss(cfg, logprobs: Tensor, mb: Rollout) -> tuple[Tensor, dict[str, float]]:
+def policy_loss(cfg, logprobs: Tensor, mb: Rollout) -> tuple[Tensor, dict[str, Tensor]]:
     """Dispatch on ``cfg.name``: (scalar loss, stats) for the minibatch ``mb``."""
     return POLICY_LOSSES[cfg.name](cfg, logprobs, mb)

@@ -227,7 +227,7 @@ def iteration(run: RLRun, sampler: PromptSampler, it: int, stats: ScoreStats
     beta = run.kl.value
     run.hooks.call("on_rollout_start", it)
     ro, texts, ro_stats = collect_rollout(run.actors, batch, run.rollout, timer, Stream.ROLLOUT,
-                                          (it,), _rollout_dist(run))
+                                          (it,), dist)
     run.hooks.call("on_rollout", it, ro, texts, batch)
     stats.update(ro.scores.cpu())
     adv_stats = add_advantages(ro, beta, plan.gamma, plan.gae_lambda, plan.whiten,
@@ -270,7 +270,7 @@ def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
     for i in range(0, len(batch), step):
         part = batch[i:i + step]
         ro, texts, _ = collect_rollout(run.actors, part, run.rollout, timer, Stream.ALIGN_EVAL,
-                                       (it, i), _rollout_dist(run))
+                                       (it, i), run.opt.dist)
         scores.append(ro.scores.cpu())
         k1.append(kl_estimates(ro.old_logprobs, ro.ref_logprobs, ro.response_mask)["k1"].cpu())
         answers += texts
@@ -283,14 +283,6 @@ def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
            "eval/kl_k1": torch.cat(k1).mean().item()}
     out.update({f"eval/{k}_mean": sum(v) / len(v) for k, v in extra.items() if v})
     return out
-
-
-def _rollout_dist(run: RLRun):
-    """Sharded models: every rank computes the whole rollout (the same seeds, so the same
-    samples as split ranks), so every rank runs the same collectives; else chunks are split."""
-    from apactl.distributed import Dist
-
-    return Dist() if run.actors.sharded else run.opt.dist
 
 
 def _full_weights(run: RLRun) -> dict[str, dict]:

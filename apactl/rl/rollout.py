@@ -43,8 +43,8 @@ class Actors:
     device: torch.device
     forwards: Forwards
     sampler: torch.nn.Module | None = None
-    # run.strategy=fsdp: policy and critic are sharded; every rank computes the whole rollout
-    # (identical samples, so no collective can go unmatched), the update is split over ranks.
+    # run.strategy=fsdp: policy and critic are sharded, the sampler is a local copy; each rank
+    # samples and scores its own chunks (its scoring forwards in lockstep with the others').
     sharded: bool = False
     # train.offload_frozen: the reference and the reward model live on the host between uses
     # (an ``apactl.offload.Offload``); None: they stay on the device.
@@ -65,9 +65,9 @@ class Actors:
             return
         with torch.no_grad():
             if self.sharded:
-                from apactl.fsdp import full_weights_everywhere
+                from apactl.fsdp import copy_to_replica
 
-                self.sampler.load_state_dict(full_weights_everywhere(self.policy), strict=False)
+                copy_to_replica(self.policy, self.sampler)
                 return
             for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
                 dst.copy_(src)
@@ -106,9 +106,13 @@ def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, time
     (``episode`` = row index) and the forwards remember what they kept for the update."""
     dist = dist or Dist()
     size = plan.chunk_size or max(-(-len(prompts) // dist.world_size), 1)
+    # Sharded (fsdp): the decode copy is replicated, so each rank samples its own chunks with
+    # no collective; its scoring forwards are collectives, run in lockstep (``_chunk``).
+    lockstep = dist if actors.sharded and dist.enabled else None
+    idle = (lambda: _fillers(actors, plan, timer, lockstep.max_int(0))) if lockstep else None
     chunks = seeded_chunks(len(prompts), size,
-                           lambda rows: _chunk(actors, prompts[rows], plan, timer),
-                           plan.seed, stream, key, dist)
+                           lambda rows: _chunk(actors, prompts[rows], plan, timer, lockstep),
+                           plan.seed, stream, key, dist, idle)
     ro, ent, ended, kept = _merge(chunks, plan.pad_id, actors.device)
     actors.forwards.remember(kept)
     mask = ro.response_mask
@@ -118,9 +122,14 @@ def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, time
     return ro, [t for c in chunks for t in c["texts"]], stats
 
 
-def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
-           ) -> dict[str, Any]:
-    """Sample and score one chunk; CPU tensors (they travel between ranks)."""
+def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer,
+           lockstep: Dist | None = None) -> dict[str, Any]:
+    """Sample and score one chunk; its tensors stay on the device (they travel between ranks
+    as tensors on the process group's device, ``Dist.gather_chunks``).
+
+    ``lockstep`` (sharded models): every forward of a sharded model is a collective, so the
+    ranks agree on the most scoring forwards any of them runs for its chunk of this round, and
+    the others make up the difference with ``_fillers``."""
     dev = actors.device
     q_ids, q_mask = left_pad([p["input_ids"] for p in prompts], plan.pad_id)
     q_ids, q_mask = q_ids.to(dev), q_mask.to(dev)
@@ -133,22 +142,38 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
                             plan.backend)
     seq = build_sequences(q_ids, q_mask, resp, mask, plan.pad_id)
     fb = plan.forward_batch or max(1, plan.forward_tokens // seq.input_ids.shape[1])
+    starts = range(0, resp.shape[0], fb)
+    extra = lockstep.max_int(len(starts)) - len(starts) if lockstep is not None else 0
     with actors.frozen_on_device(timer):
         if actors.forwards.pending_check:
             with timer("verify"), plan.autocast():
                 actors.forwards.check(seq.rows(slice(0, fb)), resp[:fb], plan.spec)
         with timer("score"), plan.autocast():
             parts = [actors.forwards.rollout(seq.rows(s), resp[s], plan.spec)
-                     for s in (slice(i, i + fb) for i in range(0, resp.shape[0], fb))]
+                     for s in (slice(i, i + fb) for i in starts)]
             width = seq.input_ids.shape[1]
             scored = {k: torch.cat([fit_width(p[k], width) if k.startswith("keep/") else p[k]
                                     for p in parts]) for k in parts[0]}
+        _fillers(actors, plan, timer, extra)
         with timer("reward"):
             texts, raw = judge_scores(actors, prompts, resp, mask)
     ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
     out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
            "scores": raw, "ended": ended, **scored}
-    return {**{k: v.cpu() for k, v in out.items()}, "texts": texts}
+    return {**out, "texts": texts}
+
+
+def _fillers(actors: Actors, plan: RolloutPlan, timer: Timer, n: int) -> None:
+    """``n`` scoring forwards on a one-token row whose results are dropped: a rank with less
+    to score runs the sharded models' collectives as often as the others."""
+    if n <= 0:
+        return
+    one = torch.full((1, 1), plan.pad_id, dtype=torch.long, device=actors.device)
+    ones = torch.ones_like(one)
+    seq = build_sequences(one, ones, one, ones, plan.pad_id)
+    with actors.frozen_on_device(timer), timer("score"), plan.autocast():
+        for _ in range(n):
+            actors.forwards.rollout(seq, one, plan.spec)
 
 
 def _merge(chunks: list[dict], pad_id: int, device

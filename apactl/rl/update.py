@@ -53,11 +53,13 @@ def update(actors: Actors, opt: Optimization, ro: Rollout, plan: UpdatePlan, ite
 
 def _step(actors: Actors, opt: Optimization, mb: Rollout, plan: UpdatePlan,
           train_policy: bool) -> dict[str, float]:
-    stats: dict[str, float] = {}
+    """One optimizer step over a minibatch; its statistics are summed on the device and read
+    back by ``opt.step`` in its one host sync."""
+    stats: dict[str, torch.Tensor] = {}
 
-    def add(values: dict[str, float]) -> None:
+    def add(values: dict[str, torch.Tensor]) -> None:
         for k, v in values.items():
-            stats[k] = stats.get(k, 0.0) + v / plan.grad_accum
+            stats[k] = stats.get(k, 0.0) + v.detach() / plan.grad_accum
 
     for rows in micro_batches(mb.batch_size, plan.grad_accum, opt.dist):
         m = mb.index(torch.arange(rows.start, rows.stop))
@@ -69,11 +71,11 @@ def _step(actors: Actors, opt: Optimization, mb: Rollout, plan: UpdatePlan,
                 logp = actors.forwards.policy_logprobs(seq, m.response_ids, plan.spec, m.episode)
                 p_loss, p_stats = policy_loss(plan.algo, logp, m)
                 loss = loss + p_loss
-                add({**p_stats, "loss/policy": p_loss.item()})
+                add({**p_stats, "loss/policy": p_loss})
             v_new = actors.forwards.values(seq, m.episode)
             v_loss, v_stats = value_loss(v_new, m.values, m.returns, m.response_mask,
                                          plan.value_clip)
             loss = loss + plan.algo.vf_coef * v_loss
-        add({**v_stats, "loss/value": v_loss.item(), "loss/total": loss.item()})
+        add({**v_stats, "loss/value": v_loss, "loss/total": loss})
         opt.backward(loss, plan.grad_accum)
-    return {**stats, **opt.step(["policy", "critic"] if train_policy else ["critic"])}
+    return opt.step(["policy", "critic"] if train_policy else ["critic"], stats)

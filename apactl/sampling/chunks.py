@@ -33,14 +33,22 @@ def chunk_seed(seed: int, *key: int) -> int:
 
 
 def seeded_chunks(n: int, size: int, fn: Callable[[slice], T], seed: int, stream: Stream,
-                  key: tuple[int, ...] = (), dist: Dist | None = None) -> list[T]:
+                  key: tuple[int, ...] = (), dist: Dist | None = None,
+                  idle: Callable[[], None] | None = None) -> list[T]:
     """``fn(rows)`` for each chunk of ``size`` rows of ``n``, chunk j seeded with
     ``chunk_seed(seed, stream, *key, j)`` and run by rank j % world_size; every rank returns
-    all results in chunk order (results travel between ranks: keep them on the CPU)."""
+    all results in chunk order (a dict's tensors travel between ranks as tensors on the process
+    group's device, everything else as host objects: ``Dist.gather_chunks``)."""
     dist = dist or Dist()
     mine = {}
-    for j, start in enumerate(range(0, n, size)):
-        if dist.owns(j):
+    starts = list(range(0, n, size))
+    # In rounds of world_size chunks: in the last round a rank may own none (``idle()``, for
+    # work that must run in lockstep with the ranks that do).
+    for first in range(0, len(starts), dist.world_size):
+        j = first + dist.rank
+        if j < len(starts):
             torch.manual_seed(chunk_seed(seed, int(stream), *key, j))
-            mine[j] = fn(slice(start, min(start + size, n)))
+            mine[j] = fn(slice(starts[j], min(starts[j] + size, n)))
+        elif idle is not None:
+            idle()
     return dist.gather_chunks(mine)

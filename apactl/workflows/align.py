@@ -30,7 +30,7 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     tr, p = recipe.train, rt.precision
     policy, tok = load_policy(recipe.policy, rt.device, p.master_dtype,
                               freeze_bottom_layers=tr.freeze_bottom_layers)
-    sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
+    sharded = recipe.run.strategy == "fsdp" and rt.dist.joined
     if not sharded:  # an FSDP unit needs one dtype: sharded models keep fp32 throughout
         p.store_frozen(policy)
     offload = _offload(recipe, rt)
@@ -89,13 +89,17 @@ def _trunk_reuse(recipe: AlignRecipe, sharded: bool) -> bool:
 
 
 def _sharded_actors(rt: Runtime, policy, ref, critic, judge, tok, eos, offload) -> Actors:
-    """run.strategy=fsdp: policy and critic sharded per layer (FSDP2); the frozen reference and
-    reward model replicated. Sharded modules cannot be shared with unsharded ones, so the
-    frozen-trunk reuse is off (plain forwards)."""
+    """run.strategy=fsdp: policy and critic sharded per layer (FSDP2); the decode copy of the
+    policy, the frozen reference and reward model replicated. Sharded modules cannot be
+    shared with unsharded ones, so the frozen-trunk reuse is off (plain forwards)."""
     from apactl.fsdp import shard_model
     from apactl.rl.forward import PlainForwards
 
-    sampler = _sampler(policy, rt)  # a local 16-bit copy (CUDA), made before sharding
+    # The decode copy, made before sharding: 16-bit under mixed precision on CUDA, else a
+    # plain copy. It is replicated, so each rank samples its own chunks with no collective.
+    sampler = _sampler(policy, rt)
+    if sampler is policy:
+        sampler = copy.deepcopy(policy).requires_grad_(False).eval()
     shard_model(policy, rt.precision)
     shard_model(critic, rt.precision)
     return Actors(policy, ref, critic, judge, tok, eos, rt.device,
@@ -160,7 +164,7 @@ def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optim
     trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr), actors.sharded),
                 "critic": make_trainee("critic", actors.critic,
                                        schedule(recipe.critic.lr or tr.lr), actors.sharded)}
-    return Optimization(trainees, rt.dist, rt.precision.grad_scaler())
+    return Optimization(trainees, rt.dist, rt.precision.grad_scaler(actors.sharded))
 
 
 def make_kl(recipe: AlignRecipe):

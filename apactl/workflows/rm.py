@@ -37,7 +37,7 @@ def bt_loss(model, batch, margin: float = 0.0) -> tuple[torch.Tensor, dict, int]
     """The pairwise loss on one collated [2B, L] batch (chosen rows first), with accuracy."""
     rc, rr = pair_scores(model, batch)
     loss, stats = bradley_terry_loss(rc, rr, margin)
-    return loss, stats, int(batch["attention_mask"].sum())
+    return loss, stats, batch["attention_mask"].sum()
 
 
 def rm_eval(model, items, collate, batch_size: int, margin: float,
@@ -97,7 +97,7 @@ def run_rm(recipe: RMRecipe, resume: bool = False, overwrite: bool = False,
         collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
                                           rt.device)
         task = _task(recipe, model, tok, train_items, eval_items, collate, rt.dist)
-        task.sharded = recipe.run.strategy == "fsdp" and rt.dist.enabled
+        task.sharded = recipe.run.strategy == "fsdp" and rt.dist.joined
         final = run_supervised(task, Setup(recipe.run, tr, recipe.logging, p,
                                            recipe.model_dump(mode="json"), rt.resume_from,
                                            hooks or Hooks(), rt.begin))

@@ -23,7 +23,7 @@ def sft_loss(model, batch) -> tuple[torch.Tensor, dict, int]:
     """Mean next-token cross-entropy over response tokens (labels != -100) of the micro-batch."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                 labels=batch["labels"])
-    return out.loss, {"train/loss": out.loss.item()}, int(batch["attention_mask"].sum())
+    return out.loss, {"train/loss": out.loss.detach()}, batch["attention_mask"].sum()
 
 
 def sft_eval(model, items, collate, batch_size: int, dist: Dist | None = None) -> dict[str, float]:
@@ -80,7 +80,7 @@ def run_sft(recipe: SFTRecipe, resume: bool = False, overwrite: bool = False,
         ebs = recipe.train.eval_batch_size or recipe.train.micro_batch_size
         task = SupervisedTask(
             model=model, train_items=train_items, collate=collate, loss_fn=sft_loss,
-            sharded=recipe.run.strategy == "fsdp" and rt.dist.enabled,
+            sharded=recipe.run.strategy == "fsdp" and rt.dist.joined,
             evaluate=partial(sft_eval, items=eval_items, collate=collate, batch_size=ebs,
                              dist=rt.dist),
             save_model=saver(tok), name="sft", dist=rt.dist,
