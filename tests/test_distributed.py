@@ -230,7 +230,7 @@ def test_fsdp_is_refused_where_nothing_trains(tmp_path, cache):
     res = launch(1, "eval", str(ROOT / "recipes/tiny/eval.yaml"), f"run.output_dir={tmp_path}",
                  "run.strategy=fsdp")
     assert res.returncode == 2
-    assert "run.strategy: fsdp shards what trains (sft, rm, align), not eval" in res.stderr
+    assert "run.strategy: fsdp shards what trains (sft, rm, align, dpo), not eval" in res.stderr
 
 
 def test_accelerate_configs_load():

@@ -80,13 +80,13 @@ SPECIFIC = {
         ("baseline.path=./nope", "baseline.path: file not found"),
         ("policies=[{name: a@b, path: x}]", "cannot contain '@'"),
         ("generation.top_p=0", "generation.top_p"),
-        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align), not eval"),
+        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align, dpo), not eval"),
     ],
     "label": [
         ("label.samples=1", "label.samples"), ("label.pairs=some", "label.pairs"),
         ("judge.name=nope", "judge"), ("judge.args={chars: 5, nope: 2}", "unknown args nope"),
         ("label.min_margin=-1", "label.min_margin"),
-        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align), not label"),
+        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align, dpo), not label"),
         ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
     ],
 }
