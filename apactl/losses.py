@@ -162,6 +162,10 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0
 
 
 # ------------------------------------------------------------------------------------- DPO
+def _wide(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
              ref_rejected: Tensor, beta: float = 0.1, kind: str = "sigmoid"
              ) -> tuple[Tensor, dict[str, float]]:
@@ -179,8 +183,10 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
     ``rewards/accuracies`` the fraction of pairs whose chosen reward is strictly the larger,
     ``logps/chosen|rejected`` the policy's mean log-probs; ``train/loss`` the loss.
     """
-    chosen_ratio = policy_chosen.float() - ref_chosen.detach().float()
-    rejected_ratio = policy_rejected.float() - ref_rejected.detach().float()
+    # At least float32 (a sum of hundreds of 16-bit log-probs is too coarse for a log-ratio);
+    # float64 inputs stay float64.
+    chosen_ratio = _wide(policy_chosen) - _wide(ref_chosen.detach())
+    rejected_ratio = _wide(policy_rejected) - _wide(ref_rejected.detach())
     h = chosen_ratio - rejected_ratio
     if kind == "sigmoid":
         loss = -F.logsigmoid(beta * h).mean()
@@ -193,6 +199,6 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         stats = {"train/loss": loss.item(), "rewards/chosen": rc.mean().item(),
                  "rewards/rejected": rr.mean().item(), "rewards/margins": (rc - rr).mean().item(),
                  "rewards/accuracies": (rc > rr).float().mean().item(),
-                 "logps/chosen": policy_chosen.float().mean().item(),
-                 "logps/rejected": policy_rejected.float().mean().item()}
+                 "logps/chosen": _wide(policy_chosen).mean().item(),
+                 "logps/rejected": _wide(policy_rejected).mean().item()}
     return loss, stats
