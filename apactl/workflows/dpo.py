@@ -183,11 +183,13 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, overwrite: bool = False,
                                           rt.device)
         ebs = tr.eval_batch_size or tr.micro_batch_size
         ref = load_dpo_reference(recipe, model, rt)
+        hooks = hooks or Hooks()
         if tr.precompute_reference:
             # Before training (and before a resumed run loads its weights): the policy here is
             # still the initial one.
-            attach_reference(model, ref, [train_items, eval_items], collate, ebs, rt.dist,
-                             p.autocast)
+            with hooks.wrap("reference"):
+                attach_reference(model, ref, [train_items, eval_items], collate, ebs, rt.dist,
+                                 p.autocast)
             ref = None  # freed: the items carry everything it would compute
         task = SupervisedTask(
             model=model, train_items=train_items, collate=collate,
@@ -198,7 +200,7 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, overwrite: bool = False,
         )
         final = run_supervised(task, Setup(recipe.run, tr, recipe.logging, p,
                                            recipe.model_dump(mode="json"), rt.resume_from,
-                                           hooks or Hooks(), rt.begin))
+                                           hooks, rt.begin))
     console.print(f"[green]dpo done[/]: {Path(recipe.run.output_dir) / 'final'}  "
                   + "  ".join(f"{k}={v:.4g}" for k, v in final.items()))
     return final
