@@ -241,3 +241,25 @@ def test_cli_dpo_then_eval_and_sweep_take_the_run(tmp_path):
               f"run.output_dir={tmp_path / 'sweep'}")
     assert res.exit_code == 0, res.output
     assert "dpo.beta=0.1" in res.output and "dpo.beta=0.5" in res.output
+
+
+@pytest.mark.slow  # bf16 on a CPU: ~80 s on the 2 busy cores even for 3 tiny steps
+def test_mixed_precision_dpo_runs_on_cpu(tmp_path, learnable_prefs):
+    """The CUDA default (fp32 masters, bf16 autocast, a bf16-stored reference) run on CPU: the
+    log-ratios are taken in float32 or wider, it trains, and final/ holds fp32 weights."""
+    from safetensors.torch import load_file
+
+    from apactl.workflows.dpo import run_dpo
+
+    out = tmp_path / "bf16"
+    # bf16 matmuls are slow on a CPU: 3 steps of 2 pairs, no held-out pairs.
+    run_dpo(dpo_recipe(out, learnable_prefs, "run.mixed_precision=bf16", "train.batch_size=2",
+                       "train.grad_accum=1", "train.max_steps=3", "train.lr=5e-3",
+                       "data.eval_rows=0", "train.precompute_reference=false",
+                       "train.freeze_bottom_layers=1"))
+    rows = train_rows(out)
+    assert rows[0]["train/loss"] == pytest.approx(math.log(2), abs=0.05)
+    assert rows[-1]["rewards/margins"] > 0.05 and rows[-1]["train/loss"] < rows[0]["train/loss"]
+    weights = load_file(out / "final/model.safetensors")
+    top = [k for k in weights if ".layers.1." in k]
+    assert top and all(weights[k].dtype == torch.float32 for k in top)
