@@ -230,6 +230,12 @@ def test_cli_dpo_then_eval_and_sweep_take_the_run(tmp_path):
               "data.max_rows=16", "data.eval_rows=4", *QUIET)
     assert res.exit_code == 0, res.output
     assert (run / "final" / "config.json").exists()
+    # Precomputing the reference is operational: a resume may switch it (not the step count).
+    again = cli("dpo", TINY_DPO, f"run.output_dir={run}", "train.max_steps=3",
+                "train.save_every=1", "data.max_rows=16", "data.eval_rows=4", *QUIET,
+                "train.precompute_reference=false", "--resume")
+    assert again.exit_code == 2 and "train.max_steps" in again.output, again.output
+    assert "precompute_reference" not in again.output
     out = tmp_path / "eval"
     res = cli("eval", ROOT / "recipes/tiny/eval.yaml", f"run.output_dir={out}", "baseline=null",
               f"policies=[{{name: dpo, path: {run}, checkpoints: true}}]", "data.eval_rows=2",
