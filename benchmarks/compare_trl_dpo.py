@@ -108,15 +108,15 @@ def apactl_role(args) -> dict[str, Any]:
 
 def write_trl_data(recipe, path: Path) -> Path:
     """The pairs apactl trains on, tokenised by apactl, one row per pair in step order."""
-    from apactl.data import fit_prompts, load_examples, tokenize_preference
+    from apactl.data import load_examples
     from apactl.models import load_tokenizer, resolve_model_ref
     from apactl.supervised import batch_indices
+    from apactl.workflows.common import tokenized_pairs
 
     d, pol = recipe.data, recipe.policy
     tok = load_tokenizer(resolve_model_ref(pol.name_or_path, pol.cache_dir), pol)
-    examples, _, report = load_examples(d, "preference")
-    items, _ = tokenize_preference(tok, fit_prompts(tok, examples, d), d.max_prompt_len,
-                                   d.max_len, d.on_bad_row, report.source, report)
+    examples, held_out, report = load_examples(d, "preference")
+    items, _ = tokenized_pairs(tok, d, examples, held_out, report)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as f:
         for step in range(recipe.train.max_steps):

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from apactl.config import DPOConfig, DPORecipe, ModelConfig
-from apactl.data import collate_dpo, fit_prompts, load_examples, tokenize_preference
+from apactl.data import collate_dpo, load_examples
 from apactl.distributed import Dist
 from apactl.errors import UserError
 from apactl.hooks import Hooks
@@ -30,7 +30,7 @@ from apactl.metrics import console
 from apactl.models import load_causal_lm, load_policy, reference_logits_context, unwrap
 from apactl.runtime import Runtime, setup_run
 from apactl.supervised import Setup, SupervisedTask, run_supervised
-from apactl.workflows.common import check_positions, data_summary
+from apactl.workflows.common import check_positions, tokenized_pairs
 from apactl.workflows.sft import saver, to_device
 
 
@@ -175,10 +175,7 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, overwrite: bool = False,
         if recipe.run.strategy != "fsdp":  # an FSDP unit needs one dtype
             p.store_frozen(model)
         check_positions(model, d.max_len, "data.max_len")
-        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source, report)
-        train_items, _ = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
-        eval_items, _ = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
-        console.print(data_summary(report, len(train_items), len(eval_items), "pairs"))
+        train_items, eval_items = tokenized_pairs(tok, d, train_ex, eval_ex, report)
         collate = lambda items: to_device(collate_dpo(items, tok.pad_token_id),  # noqa: E731
                                           rt.device)
         ebs = tr.eval_batch_size or tr.micro_batch_size
