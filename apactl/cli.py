@@ -190,6 +190,22 @@ def rm(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
 
 
 @app.command()
+def dpo(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
+        resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT) -> None:
+    """Direct Preference Optimization of a policy on preference pairs (no reward model).
+
+    Example: apactl dpo recipes/dpo/smollm2-135m-hh.yaml dpo.beta=0.1 train.max_steps=50
+    """
+    def go():
+        r = _load(recipe, overrides, "dpo")
+        from apactl.workflows.dpo import run_dpo
+
+        run_dpo(r, resume=resume, overwrite=overwrite)
+
+    guarded(go)
+
+
+@app.command()
 def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
           algo: str = typer.Option(None, "--algo", help="apa, ppo or awr (shorthand for the "
                                    "override algo.name=...)."),
@@ -285,7 +301,7 @@ def sweep(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
           dry_run: bool = typer.Option(False, "--dry-run", help="Validate every run and print "
                                        "its folder and command; run nothing."),
           emit: str = EMIT_OPT) -> None:
-    """Run a grid of an align, sft or rm recipe, one run after another, each in its own folder
+    """Run a grid of an align, sft, rm or dpo recipe, one run after another, each in its own folder
     <run.output_dir>/<key>=<value>,...; finished runs are skipped, interrupted ones resumed,
     and <run.output_dir>/sweep.json records them all. Exit 1 if a run failed.
 
@@ -369,7 +385,8 @@ def recipe_show(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) 
 
 
 @recipe_app.command("schema")
-def recipe_schema_cmd(kind: str = typer.Argument(..., help="sft, rm, align or eval.")) -> None:
+def recipe_schema_cmd(kind: str = typer.Argument(..., help="sft, rm, dpo, align, eval or "
+                                                   "label.")) -> None:
     """Print the JSON Schema of a recipe kind (for editor completion).
 
     Example: apactl recipe schema align > align.schema.json

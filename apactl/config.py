@@ -72,7 +72,7 @@ class RunConfig(Section):
     # launch do, as soon as one rank exits non-zero); long enough for rank 0 to save a
     # checkpoint while the others wait.
     dist_timeout_s: PositiveInt = 600
-    # ddp: every rank holds the whole model. fsdp (sft only): weights, gradients and optimizer
+    # ddp: every rank holds the whole model. fsdp: weights, gradients and optimizer
     # state sharded over the ranks (torch FSDP2), for models that do not fit on one device.
     strategy: Literal["ddp", "fsdp"] = "ddp"
 
@@ -298,8 +298,8 @@ class RecipeBase(Section):
     def _strategy(self) -> RecipeBase:
         if self.run.strategy == "fsdp":
             if not self.shardable:
-                raise ValueError(f"run.strategy: fsdp shards what trains (sft, rm, align), not "
-                                 f"{self.kind}; use ddp")
+                raise ValueError(f"run.strategy: fsdp shards what trains (sft, rm, align, dpo), "
+                                 f"not {self.kind}; use ddp")
             for section in ("model", "policy"):
                 if getattr(getattr(self, section, None), "lora", None) is not None:
                     raise ValueError(f"run.strategy: fsdp is not combined with {section}.lora; "
@@ -327,6 +327,39 @@ class RMRecipe(RecipeBase):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     loss: RMLossConfig = Field(default_factory=RMLossConfig)
+
+
+# -------------------------------------------------------------------------------------- dpo
+class ReferenceConfig(Section):
+    # The frozen model the policy's log-ratios are taken against. None: the initial policy
+    # (with policy.lora, the policy with its adapter disabled: no second copy in memory).
+    path: str | None = None
+
+
+class DPOConfig(Section):
+    """DPO (Rafailov et al. 2023, eq. 7): -log sigmoid(beta * h), with h the chosen minus the
+    rejected log-ratio to the reference; ipo (Azar et al. 2023, eq. 17): (h - 1/(2 beta))^2."""
+
+    beta: PositiveFloat = 0.1
+    loss: Literal["sigmoid", "ipo"] = "sigmoid"
+
+
+class DPOTrainConfig(TrainConfig):
+    # batch_size counts pairs. Reference log-probs computed once per pair before training and
+    # kept for the run: an epoch then costs one policy forward/backward per pair and no
+    # reference forward (the reference model is freed once they are computed). Off: the
+    # reference scores every micro-batch (same numbers, a third more compute).
+    precompute_reference: bool = True
+
+
+class DPORecipe(RecipeBase):
+    kind: Literal["dpo"] = "dpo"
+    shardable: ClassVar[bool] = True
+    policy: ModelConfig = Field(default_factory=ModelConfig)
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    data: DataConfig
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    train: DPOTrainConfig = Field(default_factory=DPOTrainConfig)
 
 
 # ------------------------------------------------------------------------------------ align
@@ -697,4 +730,5 @@ RECIPES: dict[str, type[RecipeBase]] = {
     "align": AlignRecipe,
     "eval": EvalRecipe,
     "label": LabelRecipe,
+    "dpo": DPORecipe,
 }

@@ -1019,8 +1019,9 @@ def tokenize_preference(tokenizer: Any, examples: Sequence[PreferenceExample],
                         max_prompt_len: int, max_len: int, on_bad_row: str = "error",
                         source: str = "data", report: DataReport | None = None,
                         ) -> tuple[list[dict[str, list[int]]], int]:
-    """Items ``{"chosen_ids": [n1], "rejected_ids": [n2]}``: prompt + reply, each <= max_len.
-    Returns (items, n_skipped); bad rows and ``report`` as in tokenize_sft."""
+    """Items ``{"chosen_ids": [n1], "rejected_ids": [n2], "prompt_len": p}``: prompt + reply,
+    each <= max_len, sharing their first p tokens (the prompt). Returns (items, n_skipped); bad
+    rows and ``report`` as in tokenize_sft."""
     def replies(attr: str) -> list[list[int]]:
         return _encode(tokenizer, [render_response(tokenizer, e.messages, getattr(e, attr))
                                    for e in examples])
@@ -1033,7 +1034,8 @@ def tokenize_preference(tokenizer: Any, examples: Sequence[PreferenceExample],
             skipped += 1
             continue
         room = max_len - len(p)
-        items.append({"chosen_ids": p + c[:room], "rejected_ids": p + r[:room]})
+        items.append({"chosen_ids": p + c[:room], "rejected_ids": p + r[:room],
+                      "prompt_len": len(p)})
     return items, skipped
 
 
@@ -1107,6 +1109,25 @@ def collate_preference(items: Sequence[dict[str, list[int]]],
     sequences, rows B..2B-1 the rejected ones (row i and B+i form a pair)."""
     ids = [it["chosen_ids"] for it in items] + [it["rejected_ids"] for it in items]
     return {"input_ids": _pad(ids, pad_id), "attention_mask": _pad(_ones(ids), 0)}
+
+
+def collate_dpo(items: Sequence[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """``collate_preference`` plus ``response_mask`` [2B, L] (1 on the reply tokens) and
+    ``prompt_len`` [2B]; with reference log-probs on the items (``ref_chosen``,
+    ``ref_rejected``), ``ref_logps`` [2B] float64 in the same row order."""
+    import torch
+
+    out = collate_preference(items, pad_id)
+    both = [*items, *items]
+    plen = torch.tensor([it["prompt_len"] for it in both])
+    cols = torch.arange(out["input_ids"].shape[1]).unsqueeze(0)
+    out["response_mask"] = (cols >= plen.unsqueeze(1)).long() * out["attention_mask"]
+    out["prompt_len"] = plen
+    if "ref_chosen" in items[0]:
+        out["ref_logps"] = torch.tensor([it["ref_chosen"] for it in items]
+                                        + [it["ref_rejected"] for it in items],
+                                        dtype=torch.float64)
+    return out
 
 
 def right_pad(seqs: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

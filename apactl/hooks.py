@@ -16,7 +16,8 @@ from typing import Any
 
 @dataclass
 class Hooks:
-    # Wraps each timed phase ("generate", "score", "reward", "update", "verify", "eval");
+    # Wraps each timed phase ("generate", "score", "reward", "update", "verify", "eval";
+    # dpo: "reference", the reference log-probs computed before training);
     # the loop times the phase outside this context.
     phase: Callable[[str], AbstractContextManager] | None = None
     # The run's pieces once built: {"policy": ..., "critic": ..., "judge": ...} (align) or

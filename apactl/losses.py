@@ -1,5 +1,5 @@
 """The pure losses of apactl: APA, PPO and AWR policy losses, the critic's value loss and the
-reward model's pairwise (Bradley-Terry) loss.
+reward model's pairwise (Bradley-Terry) loss; DPO.
 
 Shapes: B = sequences in the minibatch, T = padded response length, V = vocabulary size.
 Every per-token input is [B, T]; `mask` is [B, T] with 1 on valid response tokens, 0 on padding.
@@ -160,4 +160,47 @@ def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0
     with torch.no_grad():
         stats = {"train/loss": loss.detach(), "train/accuracy": (gap > 0).float().mean(),
                  "train/margin": gap.mean()}
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------- DPO
+def _wide(x: Tensor) -> Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
+             ref_rejected: Tensor, beta: float = 0.1, kind: str = "sigmoid"
+             ) -> tuple[Tensor, dict[str, float]]:
+    """Direct Preference Optimization on a batch of pairs; every input is [B]: the log-prob of
+    a pair's chosen or rejected response (its response tokens' log-probs summed) under the
+    policy or the frozen reference.
+
+    h = (log pi(c) - log ref(c)) - (log pi(r) - log ref(r)), mean over pairs of
+    ``sigmoid``: -log sigmoid(beta h) (Rafailov et al. 2023, eq. 7);
+    ``ipo``: (h - 1 / (2 beta))^2 (Azar et al. 2023, eq. 17, on summed log-probs).
+    The reference log-probs are constants (detached).
+
+    Stats, named as TRL names them: ``rewards/chosen`` = mean beta (log pi(c) - log ref(c)),
+    ``rewards/rejected`` likewise, ``rewards/margins`` their mean difference,
+    ``rewards/accuracies`` the fraction of pairs whose chosen reward is strictly the larger,
+    ``logps/chosen|rejected`` the policy's mean log-probs; ``train/loss`` the loss.
+    """
+    # At least float32 (a sum of hundreds of 16-bit log-probs is too coarse for a log-ratio);
+    # float64 inputs stay float64.
+    chosen_ratio = _wide(policy_chosen) - _wide(ref_chosen.detach())
+    rejected_ratio = _wide(policy_rejected) - _wide(ref_rejected.detach())
+    h = chosen_ratio - rejected_ratio
+    if kind == "sigmoid":
+        loss = -F.logsigmoid(beta * h).mean()
+    elif kind == "ipo":
+        loss = ((h - 1 / (2 * beta)) ** 2).mean()
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}; expected sigmoid or ipo")
+    with torch.no_grad():
+        rc, rr = beta * chosen_ratio, beta * rejected_ratio
+        stats = {"train/loss": loss.item(), "rewards/chosen": rc.mean().item(),
+                 "rewards/rejected": rr.mean().item(), "rewards/margins": (rc - rr).mean().item(),
+                 "rewards/accuracies": (rc > rr).float().mean().item(),
+                 "logps/chosen": _wide(policy_chosen).mean().item(),
+                 "logps/rejected": _wide(policy_rejected).mean().item()}
     return loss, stats

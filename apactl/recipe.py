@@ -273,6 +273,9 @@ def path_fields(recipe: RecipeBase) -> list[tuple[str, str | None]]:
         m = getattr(recipe, section, None)
         if m is not None:
             out.append((f"{section}.name_or_path", m.name_or_path))
+    reference = getattr(recipe, "reference", None)
+    if reference is not None and reference.path:
+        out.append(("reference.path", reference.path))
     if isinstance(recipe, AlignRecipe):
         if recipe.reward.path:
             out.append(("reward.path", recipe.reward.path))

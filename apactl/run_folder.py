@@ -47,6 +47,7 @@ OPERATIONAL = (
     # The global batch is what the math sees; its split into micro-batches is operational
     # (resuming on another world size changes it).
     "train.grad_accum", "train.forward_batch_size", "train.offload_frozen", "reward.batch_size",
+    "train.precompute_reference",  # dpo: the same reference log-probs, computed once or per step
     "model.cache_dir",
     "policy.cache_dir",
     # Held-out judges score answers after the update; they never feed the training signal.

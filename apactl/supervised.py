@@ -227,8 +227,9 @@ def _log(logger: MetricsLogger, progress: Progress, step: int, stats: dict[str, 
     logger.log(step, stats)
     shown = {"loss": stats.get("train/loss", float("nan")), "lr": stats["train/lr"],
              "tok/s": round(stats["perf/tokens_per_s"])}
-    if "train/accuracy" in stats:
-        shown["acc"] = stats["train/accuracy"]
+    for key in ("train/accuracy", "rewards/accuracies"):  # rm; dpo (TRL's name)
+        if key in stats:
+            shown["acc"] = stats[key]
     progress.update(1, **shown)
 
 

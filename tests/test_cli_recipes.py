@@ -212,8 +212,8 @@ def test_schema_is_json():
 
 
 def test_unknown_kind_and_missing_file(tmp_path):
-    res = invoke("recipe", "validate", write(tmp_path, {"kind": "dpo"}))
-    assert res.exit_code == 2 and "kind: unknown recipe kind 'dpo'" in res.output
+    res = invoke("recipe", "validate", write(tmp_path, {"kind": "kto"}))
+    assert res.exit_code == 2 and "kind: unknown recipe kind 'kto'" in res.output
     res = invoke("recipe", "validate", str(tmp_path / "nope.yaml"))
     assert res.exit_code == 2 and "file not found" in res.output
     bad = tmp_path / "bad.yaml"

@@ -169,6 +169,36 @@ def test_fsdp_rm_matches_ddp_and_resumes_across_strategies(tmp_path, cache):
     assert stats[1] == pytest.approx(stats[0], rel=RTOL) == stats[2]
 
 
+# ----------------------------------------------------------------------------------- dpo
+def dpo_args(out: Path, cache: Path, accum: int, *extra: str) -> list[str]:
+    return ["dpo", str(ROOT / "recipes/tiny/dpo.yaml"), f"run.output_dir={out}",
+            f"policy.cache_dir={cache}", "data.max_rows=40", "data.eval_rows=8",
+            "train.batch_size=8", f"train.grad_accum={accum}", "train.max_steps=4",
+            "train.eval_every=2", "train.eval_batch_size=2", *QUIET, *extra]
+
+
+def test_fsdp_dpo_matches_one_process(tmp_path, cache):
+    """DPO on 2 FSDP ranks (the policy sharded; each rank precomputes the reference log-probs
+    of its shard of the pairs, then every rank gets them all) trains like 1 process."""
+    run_ok(1, *dpo_args(tmp_path / "one", cache, 2))
+    run_ok(2, *dpo_args(tmp_path / "fsdp", cache, 1, "run.strategy=fsdp"))
+    # Before the first update the policy is the reference: rewards are 0 up to float noise
+    # (a sharded forward rounds differently), and accuracies count noise. From step 2 on:
+    gaps = assert_same_run(tmp_path / "one", tmp_path / "fsdp", ["final"], steps=[2, 3, 4],
+                           atol=1e-5)
+    assert "eval_rewards/margins" in gaps and "rewards/margins" in gaps
+
+
+@pytest.mark.slow  # the same loop and all-reduce as sft; ~40 s on 2 busy cores
+def test_ddp_dpo_live_reference_matches_one_process(tmp_path, cache):
+    """train.precompute_reference=false on 2 ddp ranks: the reference model scores every
+    micro-batch, and the held-out pairs are split over the ranks."""
+    off = "train.precompute_reference=false"
+    run_ok(1, *dpo_args(tmp_path / "one", cache, 2, off))
+    run_ok(2, *dpo_args(tmp_path / "two", cache, 1, off))
+    assert_same_run(tmp_path / "one", tmp_path / "two", ["final"], steps=[2, 3, 4], atol=1e-5)
+
+
 # --------------------------------------------------------------------------------- align
 def align_args(out: Path, cache: Path, accum: int, *extra: str) -> list[str]:
     # Chunks of 4 prompts: the samples depend on (seed, iteration, chunk), not on the rank.
@@ -237,7 +267,7 @@ def test_fsdp_is_refused_where_nothing_trains(tmp_path, cache):
     res = launch(1, "eval", str(ROOT / "recipes/tiny/eval.yaml"), f"run.output_dir={tmp_path}",
                  "run.strategy=fsdp")
     assert res.returncode == 2
-    assert "run.strategy: fsdp shards what trains (sft, rm, align), not eval" in res.stderr
+    assert "run.strategy: fsdp shards what trains (sft, rm, align, dpo), not eval" in res.stderr
 
 
 def test_accelerate_configs_load():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from helpers import TINY, cli
 
-KINDS = ("sft", "rm", "align", "eval", "label")
+KINDS = ("sft", "rm", "align", "eval", "label", "dpo")
 
 # (override, text the error line must contain): wrong for every kind.
 COMMON = [
@@ -91,13 +91,23 @@ SPECIFIC = {
         ("baseline.path=./nope", "baseline.path: file not found"),
         ("policies=[{name: a@b, path: x}]", "cannot contain '@'"),
         ("generation.top_p=0", "generation.top_p"),
-        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align), not eval"),
+        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align, dpo), not eval"),
+    ],
+    "dpo": [
+        ("train.lr=-1", "train.lr"), ("train.grad_accum=3", "must be divisible by grad_accum (3)"),
+        ("train.precompute_reference=maybe", "train.precompute_reference"),
+        ("dpo.beta=0", "dpo.beta"), ("dpo.loss=hinge", "dpo.loss"),
+        ("dpo.nope=1", "dpo.nope: unknown key"), ("reference.nope=1", "reference.nope"),
+        ("reference.path=./nope", "reference.path: file not found"),
+        ("policy.lora.r=0", "policy.lora.r"),
+        ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
+        ("kind=rm", "kind: this is a 'rm' recipe"),
     ],
     "label": [
         ("label.samples=1", "label.samples"), ("label.pairs=some", "label.pairs"),
         ("judge.name=nope", "judge"), ("judge.args={chars: 5, nope: 2}", "unknown args nope"),
         ("label.min_margin=-1", "label.min_margin"),
-        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align), not label"),
+        ("run.strategy=fsdp", "fsdp shards what trains (sft, rm, align, dpo), not label"),
         ("policy.name_or_path=./nope", "policy.name_or_path: file not found"),
     ],
 }

@@ -162,7 +162,7 @@ def test_bad_grid_value_fails_before_any_run(tmp_path):
 def test_other_user_errors_exit_2(tmp_path):
     res = invoke(str(ROOT / "recipes/tiny/eval.yaml"), "--grid", "run.seed=0,1")
     assert res.exit_code == 2 and errors(res) == [
-        "error: kind: apactl sweep runs align, sft, rm recipes, not 'eval'"], res.output
+        "error: kind: apactl sweep runs align, sft, rm, dpo recipes, not 'eval'"], res.output
     res = invoke(TINY, "--grid", "run.seed=0,1", "--emit", "pbs")
     assert res.exit_code == 2 and errors(res)[0].startswith("error: --emit: expected one of")
     res = invoke(str(tmp_path / "nope.yaml"), "--grid", "run.seed=0,1")

@@ -32,3 +32,18 @@ def check_positions(model, total: int, what: str) -> None:
     limit = getattr(unwrap(model).config, "max_position_embeddings", None)
     if isinstance(limit, int) and total > limit:
         raise UserError(f"{what} = {total} tokens, more than the model's {limit} positions")
+
+
+def tokenized_pairs(tok, d, train_ex: list, eval_ex: list, report: Any
+                    ) -> tuple[list[dict], list[dict]]:
+    """(training, held-out) preference pairs as ``apactl rm`` and ``apactl dpo`` read them:
+    prompts fitted to ``d.max_prompt_len`` (``DataConfig`` d), ``data.tokenize_preference``
+    items; prints the data summary."""
+    from apactl.data import fit_prompts, tokenize_preference
+    from apactl.metrics import console
+
+    args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source, report)
+    train, _ = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
+    held, _ = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
+    console.print(data_summary(report, len(train), len(held), "pairs"))
+    return train, held

@@ -93,14 +93,18 @@ def expand_policy(spec: PolicySpec, i: int) -> list[Entry]:
         if not ckpts:
             raise ModelError(f"{field}: {first_line(exc)}") from None
         final = None  # an unfinished run: its checkpoints only
-    final_step = (meta.get("train") or {}).get("iterations") if final else None
+    # An align run ends at train.iterations; a dpo (or sft) run's last checkpoint is its end.
+    final_step = ((meta.get("train") or {}).get("iterations")
+                  or (int(ckpts[-1].name.split("-")[1]) if ckpts else None)) if final else None
     common = dict(field=field, group=spec.name, run=run,
                   init=(meta.get("policy") or {}).get("name_or_path"))
     entries = []
     for ck in ckpts:
         step = int(ck.name.split("-")[1])
         if step != final_step:
-            entries.append(Entry(f"{spec.name}@{step}", str(ck / "policy"), step=step, **common))
+            # align checkpoints hold policy/ (and critic/), supervised ones (dpo) model/
+            model = ck / "policy" if (ck / "policy").is_dir() else ck / "model"
+            entries.append(Entry(f"{spec.name}@{step}", str(model), step=step, **common))
     if final is not None:
         entries.append(Entry(spec.name, final, step=final_step, **common))
     return entries

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from apactl.config import RMRecipe
-from apactl.data import collate_preference, fit_prompts, load_examples, tokenize_preference
+from apactl.data import collate_preference, load_examples
 from apactl.distributed import Dist
 from apactl.hooks import Hooks
 from apactl.judges.reward_model import REWARD_STATS
@@ -22,7 +22,7 @@ from apactl.metrics import console
 from apactl.models import load_sequence_classifier, resolve_model_ref, save_model, sequence_scores
 from apactl.runtime import setup_run
 from apactl.supervised import Setup, SupervisedTask, run_supervised
-from apactl.workflows.common import check_positions, data_summary
+from apactl.workflows.common import check_positions, tokenized_pairs
 from apactl.workflows.sft import to_device
 
 
@@ -90,10 +90,7 @@ def run_rm(recipe: RMRecipe, resume: bool = False, overwrite: bool = False,
         if recipe.run.strategy != "fsdp":  # an FSDP unit needs one dtype
             p.store_frozen(model)
         check_positions(model, d.max_len, "data.max_len")
-        args = (d.max_prompt_len, d.max_len, d.on_bad_row, report.source, report)
-        train_items, _ = tokenize_preference(tok, fit_prompts(tok, train_ex, d), *args)
-        eval_items, _ = tokenize_preference(tok, fit_prompts(tok, eval_ex, d), *args)
-        console.print(data_summary(report, len(train_items), len(eval_items), "pairs"))
+        train_items, eval_items = tokenized_pairs(tok, d, train_ex, eval_ex, report)
         collate = lambda items: to_device(collate_preference(items, tok.pad_token_id),  # noqa: E731
                                           rt.device)
         task = _task(recipe, model, tok, train_items, eval_items, collate, rt.dist)

@@ -49,6 +49,8 @@ KEY_METRICS = {
     "align": {"reward": "reward/score_mean", "kl": "kl/ref_k1"},
     "sft": {"eval loss": "eval/loss", "ppl": "eval/perplexity"},
     "rm": {"eval loss": "eval/loss", "acc": "eval/accuracy"},
+    "dpo": {"eval loss": "eval/loss", "acc": "eval_rewards/accuracies",
+            "margin": "eval_rewards/margins"},
 }
 
 def run_record(run: Run, previous: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from apactl.config import RunConfig
 from apactl.errors import RecipeError
 from apactl.recipe import load_raw, parse_recipe
 
-KINDS = ("align", "sft", "rm")  # the commands that take --resume and write <output_dir>/final
+# The commands that take --resume and write <output_dir>/final.
+KINDS = ("align", "sft", "rm", "dpo")
 EMIT_FILES = {"slurm": "sweep.sbatch", "commands": "commands.txt"}
 MAX_NAME, CUT_NAME = 200, 180  # bytes; most file systems allow 255 per path component
 SIGNAL_LEAD_S = 300  # sbatch --signal: seconds before the time limit that SIGTERM is sent
