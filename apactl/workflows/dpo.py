@@ -194,6 +194,7 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, overwrite: bool = False,
             evaluate=lambda m: dpo_eval(m, ref, eval_items, collate, ebs, recipe.dpo, rt.dist),
             save_model=saver(tok), name="dpo", dist=rt.dist,
             sharded=recipe.run.strategy == "fsdp" and rt.dist.enabled,
+            info={"rows": {"train": len(train_items), "held_out": len(eval_items)}},
         )
         final = run_supervised(task, Setup(recipe.run, tr, recipe.logging, p,
                                            recipe.model_dump(mode="json"), rt.resume_from,
