@@ -23,7 +23,7 @@ from apactl.masked import masked_mean
 from apactl.metrics import Timer
 from apactl.rl.forward import Forwards, build_sequences, fit_width
 from apactl.rl.types import Rollout
-from apactl.sampling import SamplingSpec, Stream, sample, seeded_chunks
+from apactl.sampling import SamplingSpec, Stream, sample, seeded_chunks, used_cuda_graph
 
 
 @dataclass
@@ -114,7 +114,9 @@ def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, time
     mask = ro.response_mask
     stats = {"policy/entropy": masked_mean(ent, mask).item(),
              "response/length_mean": mask.sum(1).mean().item(),
-             "response/eos_rate": ended.float().mean().item()}
+             "response/eos_rate": ended.float().mean().item(),
+             # 1: every chunk was decoded by a replayed CUDA graph; 0: some chunk fell back
+             "gen/cuda_graph": float(all(bool(c["cuda_graph"].all()) for c in chunks))}
     return ro, [t for c in chunks for t in c["texts"]], stats
 
 
@@ -131,6 +133,7 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
     with timer("generate"), plan.autocast():
         resp, mask = sample(sampler, q_ids, q_mask, plan.spec, actors.eos, plan.pad_id,
                             plan.backend)
+    graph = torch.full((resp.shape[0],), used_cuda_graph(), dtype=torch.bool)
     seq = build_sequences(q_ids, q_mask, resp, mask, plan.pad_id)
     fb = plan.forward_batch or max(1, plan.forward_tokens // seq.input_ids.shape[1])
     with actors.frozen_on_device(timer):
@@ -148,7 +151,7 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer
     ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
     out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
            "scores": raw, "ended": ended, **scored}
-    return {**{k: v.cpu() for k, v in out.items()}, "texts": texts}
+    return {**{k: v.cpu() for k, v in out.items()}, "texts": texts, "cuda_graph": graph}
 
 
 def _merge(chunks: list[dict], pad_id: int, device

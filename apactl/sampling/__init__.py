@@ -12,7 +12,7 @@
 """
 
 from apactl.sampling.chunks import Stream, chunk_seed, seeded_chunks
-from apactl.sampling.spec import SamplingSpec, eos_ids, response_mask, sample
+from apactl.sampling.spec import SamplingSpec, eos_ids, response_mask, sample, used_cuda_graph
 
 __all__ = ["SamplingSpec", "Stream", "chunk_seed", "eos_ids", "response_mask", "sample",
-           "seeded_chunks"]
+           "seeded_chunks", "used_cuda_graph"]

@@ -43,6 +43,7 @@ from torch import Tensor
 MAX_CACHED_GRAPHS = 4  # each entry holds a full KV cache: keep few
 GRAPH_FALLBACK_REASON: str | None = None  # why the last graph request ran eagerly; None: it didn't
 CAPTURE_COUNT = 0  # graphs captured by this process (a benchmark/test can check reuse)
+LAST_RUN_GRAPH = False  # the last decode_static call replayed a CUDA graph
 _GRAPHS: OrderedDict[tuple, _State] = OrderedDict()
 _WARNED = False
 
@@ -55,6 +56,44 @@ def clear_graphs() -> None:
 def cached_graphs() -> int:
     """How many (graph, static cache) entries are held."""
     return len(_GRAPHS)
+
+
+# RoPE types whose frequencies are a fixed table (transformers' ``dynamic_rope_update`` only
+# recomputes them for "dynamic*" and "longrope", from the sequence length read on the host: a
+# graph would freeze one table, and the ``.item()`` breaks the capture).
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+
+
+def _rope_types(config) -> set[str]:
+    """Every rope_type a config names (``rope_parameters`` may hold one dict per layer type)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    if not isinstance(params, dict):
+        return {"default"}
+    dicts = [v for v in params.values() if isinstance(v, dict)] or [params]
+    return {str(d.get("rope_type", d.get("type", "default"))) for d in dicts}
+
+
+def static_decode_support(config) -> tuple[bool, str]:
+    """(True, "") when the static-cache decode (and its CUDA graph) can run a model with this
+    config; else (False, why). A pure function of the config, so the choice is testable without
+    a GPU: the static loop writes every layer's K/V at one slot into a full-length cache under a
+    4D mask, which sliding-window/chunked layers (rolling slots, host-side counters), attention
+    implementations that do not read a 4D mask, and sequence-length-dependent RoPE break."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    impl = getattr(config, "_attn_implementation", None) or "sdpa"
+    if impl not in ("sdpa", "eager"):
+        return False, f"attention implementation {impl!r} (a 4D mask is for sdpa/eager)"
+    types = getattr(config, "layer_types", None)
+    odd = sorted({t for t in types or () if t != "full_attention"})
+    if odd:
+        return False, f"layer types {odd} (only full-attention layers fit a static cache)"
+    for name in ("sliding_window", "attention_chunk_size"):
+        if types is None and getattr(config, name, None) is not None:
+            return False, f"config.{name}={getattr(config, name)} (sliding/chunked layers)"
+    rope = sorted(_rope_types(config) - set(STATIC_ROPE))
+    if rope:
+        return False, f"rope_type {rope} (frequencies recomputed from the sequence length)"
+    return True, ""
 
 
 def reset_fallback() -> None:
@@ -238,13 +277,13 @@ def capture_graph(step: Callable[[], None], n_warm: int, device: torch.device):
     return graph
 
 
-def _fall_back(reason: str) -> None:
+def fall_back(reason: str) -> None:
     """Record why graphs are not used; warn once per process (never raise)."""
     global GRAPH_FALLBACK_REASON, _WARNED
     GRAPH_FALLBACK_REASON = reason
     if not _WARNED:
         _WARNED = True
-        warnings.warn(f"decode_static: CUDA graphs off, eager static-cache loop used ({reason})",
+        warnings.warn(f"CUDA graphs off for decoding ({reason}); decoding eagerly (slower)",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -267,16 +306,17 @@ def _try_capture(st: _State, step: Callable[[], None], n_warm: int,
         st.failed = True
         # torch.cuda.graph's __exit__ may raise its own error over the step's: keep both
         cause = f" (during: {e.__context__!r})" if e.__context__ is not None else ""
-        _fall_back(f"capture failed: {type(e).__name__}: {e}{cause}")
+        fall_back(f"capture failed: {type(e).__name__}: {e}{cause}")
 
 
-def _rng_get(device: torch.device):
+def rng_state(device: torch.device):
+    """The device's default generator state (None for devices without one here)."""
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
     return torch.get_rng_state() if device.type == "cpu" else None
 
 
-def _rng_set(device: torch.device, state) -> None:
+def set_rng_state(device: torch.device, state) -> None:
     if device.type == "cuda":
         torch.cuda.set_rng_state(state, device)
     elif device.type == "cpu":
@@ -298,12 +338,12 @@ def _run(st: _State, step: Callable[[], None], n_new: int, check_every: int,
             if bool(st.done.all()):  # the one host sync per check_every steps
                 break
             before.clear()
-        before[t] = _rng_get(device)
+        before[t] = rng_state(device)
         step()
         ran = t + 1
     width = int(st.end.max()) + 1
     if width < ran:
-        _rng_set(device, before[width])
+        set_rng_state(device, before[width])
     return width
 
 
@@ -330,7 +370,7 @@ def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperatu
     length = -(-(p + n_new) // cache_multiple) * cache_multiple
     graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     if graphs and not graphs_possible(device):
-        _fall_back(f"inputs are on {device.type}, not CUDA")
+        fall_back(f"inputs are on {device.type}, not CUDA")
         graphs = False
     kw, warpers = _cache_kwarg(model), _warpers(temperature, top_k, top_p)
     dtype = next(model.parameters()).dtype
@@ -344,11 +384,13 @@ def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperatu
     key = (id(model), b, length, n_new, dtype, str(device), model.training, impl,
            float(temperature), int(top_k), float(top_p), tuple(eos), pad_id)
     st = _cached_state(model, key, make) if graphs else make()
-    rng0 = _rng_get(device)
+    rng0 = rng_state(device)
     start = partial(_prefill, model, st, q, m, kw, warpers, pad_id)
     eager = partial(decode_step, model, st, kw, mask_fn, warpers, pad_id)
     start()  # also sizes the cache's lazily allocated tensors
     step = _graph_step(st, eager, start, rng0, device, n_new) if graphs else eager
+    global LAST_RUN_GRAPH
+    LAST_RUN_GRAPH = step is not eager
     width = _run(st, step, n_new, check_every, device)
     return st.out[:, :width].clone()
 
@@ -360,7 +402,7 @@ def _graph_step(st: _State, eager: Callable[[], None], start: Callable[[], None]
     if st.graph is None and not st.failed and n_new > 1:
         _try_capture(st, eager, min(2, n_new - 1), device)
         # warm-up and capture advanced the buffers and the RNG: start this rollout again
-        _rng_set(device, rng0)
+        set_rng_state(device, rng0)
         start()
     if st.graph is None:
         return eager
