@@ -84,8 +84,8 @@ class Precision:
         """Under mixed precision, keep a trained model's frozen matmul weights in the compute
         dtype (``store_matmuls``): they need no fp32 master, and the same rule for every model
         lets the frozen bottom be shared with the reference (``accel.trunk.share_bottom``
-        compares weights exactly). Its output heads compute in fp32."""
-        fp32_heads(model)
+        compares weights exactly). Heads are left alone: align makes them fp32 (``fp32_heads``);
+        SFT keeps a 16-bit LM head (an fp32 one over every position costs more than it buys)."""
         if self.mixed:
             store_matmuls(model, self.dtype, frozen_only=True)
         return model

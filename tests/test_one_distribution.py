@@ -9,7 +9,7 @@ import torch
 
 from apactl.config import RunConfig
 from apactl.data import left_pad
-from apactl.precision import Fp32Head, resolve_precision
+from apactl.precision import Fp32Head, fp32_heads, resolve_precision
 from apactl.rl.forward import build_sequences, policy_forward
 from apactl.sampling import SamplingSpec, response_mask
 from apactl.sampling.loop import decode_loop
@@ -30,7 +30,7 @@ def _policy(scale: float = 30.0):
     model = make_tiny_llama(tok, layers=2, seed=0)
     with torch.no_grad():
         model.model.norm.weight.mul_(scale)
-    MIXED.store_frozen(model)  # fp32 heads; nothing frozen
+    fp32_heads(model)  # as align does
     return model.eval(), tok
 
 
@@ -88,7 +88,7 @@ def test_heads_compute_in_fp32_under_autocast():
     from transformers import LlamaForSequenceClassification
 
     critic = LlamaForSequenceClassification(policy.config)
-    MIXED.store_frozen(critic)
+    fp32_heads(critic)
     with MIXED.autocast():
         assert score_head(critic)(h).dtype == torch.float32
 
