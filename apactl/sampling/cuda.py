@@ -15,8 +15,10 @@ CACHE_MULTIPLE = 64
 
 
 def cuda_decode(model, q: Tensor, m: Tensor, spec, eos: list[int], pad_id: int) -> Tensor:
-    """[B, P] left-padded prompts -> new tokens [B, T]; the tokens of ``sampling.loop`` for the
-    same seed, with one host synchronisation per 16 steps instead of one per token.
+    """[B, P] left-padded prompts -> new tokens [B, T] from the distribution of
+    ``sampling.loop``, with one host synchronisation per 16 steps instead of one per token.
+    Batches are bucketed (``static.capture_shape``): a smaller last chunk or an evaluation
+    batch replays the graph of a larger one.
 
     Models the static path cannot run (``static.static_decode_support``), and any error it
     raises before its first token, fall back to the plain loop: one warning with the reason.
@@ -28,7 +30,7 @@ def cuda_decode(model, q: Tensor, m: Tensor, spec, eos: list[int], pad_id: int) 
             return static.decode_static(
                 model, q, m, max_new_tokens=spec.max_new_tokens, temperature=spec.temperature,
                 top_k=spec.top_k, top_p=spec.top_p, eos=eos, pad_id=pad_id, check_every=16,
-                cache_multiple=CACHE_MULTIPLE)
+                cache_multiple=CACHE_MULTIPLE, bucket_rows=True)
         except Exception as e:  # noqa: BLE001 - whatever broke, the plain loop can still decode
             static.set_rng_state(q.device, rng)  # the plain loop draws what it would have
             why = f"static decode failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -60,7 +60,7 @@ class SamplingSpec:
         """Entropy [B, T] of the temperature-scaled distribution over the vocabulary."""
         from apactl.losses import entropy_from_logits
 
-        return entropy_from_logits(logits.float() / self.temperature)
+        return entropy_from_logits(logits, self.temperature)
 
 
 def eos_ids(model, tokenizer) -> list[int]:

@@ -53,6 +53,24 @@ def clear_graphs() -> None:
     _GRAPHS.clear()
 
 
+def release_decode_memory() -> None:
+    """``clear_graphs`` and hand the graphs' private memory pools back to the device (a private
+    pool's blocks cannot serve ordinary allocations). Called at the end of every rollout."""
+    had = bool(_GRAPHS)
+    clear_graphs()
+    if had and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def capture_shape(b: int, p: int, n_new: int, cache_multiple: int) -> tuple[int, int]:
+    """(rows, cache length) a decode of ``b`` prompts of ``p`` columns and ``n_new`` new tokens
+    is captured at: rows rounded up to a power of two (to 8 at least) and, above 64, to a
+    multiple of 64; the length P + N rounded up to ``cache_multiple``. A smaller last chunk or
+    an evaluation batch then replays a graph captured for a larger one (extra rows are filler)."""
+    rows = max(8, 1 << (b - 1).bit_length()) if b <= 64 else -(-b // 64) * 64
+    return rows, -(-(p + n_new) // cache_multiple) * cache_multiple
+
+
 def cached_graphs() -> int:
     """How many (graph, static cache) entries are held."""
     return len(_GRAPHS)
@@ -222,11 +240,12 @@ def _sample_into(st: _State, logits: Tensor, warpers: list, pad_id: int) -> None
 
 
 def _prefill(model, st: _State, q: Tensor, m: Tensor, kw: str, warpers: list,
-             pad_id: int) -> None:
+             pad_id: int, real: int | None = None) -> None:
     """Reset ``st`` in place, run prompts q [B, P] (mask m [B, P]) into the cache, draw column 0.
 
     Not part of any graph: transformers builds the prefill mask from the 2D mask itself (its
-    host-side checks are fine here), padding it over the empty cache slots.
+    host-side checks are fine here), padding it over the empty cache slots. Rows from ``real``
+    on are filler (a bucketed batch): ended from the start, they draw ``pad_id`` only.
     """
     p = q.shape[1]
     st.cache.reset()  # zeroes K/V and the layers' write offsets in place: addresses stay
@@ -241,6 +260,9 @@ def _prefill(model, st: _State, q: Tensor, m: Tensor, kw: str, warpers: list,
     st.t.zero_()
     st.done.zero_()
     st.end.fill_(st.out.shape[1] - 1)
+    if real is not None:
+        st.done[real:] = True
+        st.end[real:] = 0
     st.out.fill_(pad_id)
     _sample_into(st, out.logits[:, -1, :], warpers, pad_id)
 
@@ -351,7 +373,7 @@ def _run(st: _State, step: Callable[[], None], n_new: int, check_every: int,
 def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperature: float,
                   top_k: int, top_p: float, eos: list[int], pad_id: int,
                   check_every: int = 16, cuda_graphs: bool | None = None,
-                  cache_multiple: int = 1) -> Tensor:
+                  cache_multiple: int = 1, bucket_rows: bool = False) -> Tensor:
     """LEFT-padded prompts q [B, P] with mask m [B, P] -> new tokens [B, T], T <= max_new_tokens.
 
     The tokens (and the RNG state afterwards) are those of the reference DynamicCache loop for
@@ -361,13 +383,19 @@ def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperatu
     instead (one warning; the reason is kept in ``GRAPH_FALLBACK_REASON``). ``cache_multiple``:
     round the cache length P + max_new_tokens up to a multiple of it, so that rollouts whose
     prompt lengths differ a little share one cached graph (the extra slots stay masked).
+    ``bucket_rows``: run B rounded up as ``capture_shape`` does (filler rows are ended from the
+    start), so smaller batches share a graph; the draws are then those of the larger batch
+    (the same distribution, not the reference loop's tokens for the seed).
     """
     if q.dim() != 2 or m.shape != q.shape:
         raise ValueError(f"q and m must both be [B, P], got {tuple(q.shape)} and {tuple(m.shape)}")
     if min(max_new_tokens, check_every, cache_multiple) < 1:
         raise ValueError("max_new_tokens, check_every and cache_multiple must be >= 1")
-    device, (b, p), n_new = q.device, q.shape, max_new_tokens
-    length = -(-(p + n_new) // cache_multiple) * cache_multiple
+    device, (real, p), n_new = q.device, q.shape, max_new_tokens
+    rows, length = capture_shape(real, p, n_new, cache_multiple)
+    b = rows if bucket_rows else real
+    if b > real:  # filler: copies of row 0 (a fully masked row would give NaN attention)
+        q, m = (torch.cat([x, x[:1].expand(b - real, -1)]) for x in (q, m))
     graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     if graphs and not graphs_possible(device):
         fall_back(f"inputs are on {device.type}, not CUDA")
@@ -385,14 +413,14 @@ def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperatu
            float(temperature), int(top_k), float(top_p), tuple(eos), pad_id)
     st = _cached_state(model, key, make) if graphs else make()
     rng0 = rng_state(device)
-    start = partial(_prefill, model, st, q, m, kw, warpers, pad_id)
+    start = partial(_prefill, model, st, q, m, kw, warpers, pad_id, real if b > real else None)
     eager = partial(decode_step, model, st, kw, mask_fn, warpers, pad_id)
     start()  # also sizes the cache's lazily allocated tensors
     step = _graph_step(st, eager, start, rng0, device, n_new) if graphs else eager
     global LAST_RUN_GRAPH
     LAST_RUN_GRAPH = step is not eager
     width = _run(st, step, n_new, check_every, device)
-    return st.out[:, :width].clone()
+    return st.out[:real, :width].clone()
 
 
 def _graph_step(st: _State, eager: Callable[[], None], start: Callable[[], None], rng0,
