@@ -117,3 +117,25 @@ def test_scoring_rows_budget_counts_the_vocabulary():
     assert 2 * large * 512 * 128_256 * 4 <= nbytes
     assert scoring_rows(64, 1000, tokens, nbytes) == 256  # small vocab: the token budget binds
     assert scoring_rows(100_000, 128_256, tokens, nbytes) == 1  # never 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_smaller_chunk_reuses_capture_and_rollout_end_frees_it():
+    from apactl.sampling import SamplingSpec, release_decode_memory, sample, used_cuda_graph
+
+    tok = make_tiny_tokenizer()
+    model = make_tiny_llama(tok, seed=0).eval().cuda()
+    texts = ("hi", "tell me a story", "abc", "why is the sky blue?", "x", "ok then")
+    q, m = left_pad([tok(t)["input_ids"] for t in texts], tok.pad_token_id)
+    q, m = q.cuda(), m.cuda()
+    spec = SamplingSpec(max_new_tokens=12)
+    ds.clear_graphs()
+    before = ds.CAPTURE_COUNT
+    for rows in (6, 5, 3):  # a full chunk, a smaller last chunk, an evaluation batch
+        resp, _ = sample(model, q[:rows], m[:rows], spec, [tok.eos_token_id], tok.pad_token_id)
+        assert resp.shape[0] == rows and used_cuda_graph(), ds.GRAPH_FALLBACK_REASON
+    assert ds.CAPTURE_COUNT == before + 1 and ds.cached_graphs() == 1
+    held = torch.cuda.memory_reserved()
+    release_decode_memory()
+    assert ds.cached_graphs() == 0 and torch.cuda.memory_reserved() <= held

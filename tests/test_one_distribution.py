@@ -154,3 +154,25 @@ def test_cuda_policy_reference_sampler_identical_at_iteration_0():
         lp = [policy_forward(x, seq, resp.cuda(), spec)[0] for x in (policy, ref, sampler)]
     assert torch.equal(lp[0], lp[1]) and torch.equal(lp[0], lp[2])
     assert set(_inv_freq(sampler)) == {torch.float32}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_align_kl_zero_at_iteration_0_with_graphs(tmp_path):
+    """The CUDA default (mixed bf16, 16-bit decode copy, CUDA graphs): k1 = 0 at iteration 0
+    (-0.009 on an H200 before), every iteration decoded by a graph, rotary stays fp32."""
+    from helpers import tiny_recipe
+
+    from apactl.hooks import Hooks
+    from apactl.metrics import read_metrics
+    from apactl.workflows.align import run_align
+
+    seen = {}
+    run_align(tiny_recipe("align", tmp_path, "train.iterations=2", "run.device=cuda"),
+              hooks=Hooks(on_start=seen.update))
+    rows = read_metrics(tmp_path)
+    assert rows[0]["kl/ref_k1"] == 0.0, rows[0]["kl/ref_k1"]
+    assert [r["gen/cuda_graph"] for r in rows] == [1.0, 1.0]
+    sampler = seen["actors"].sampler
+    assert set(_inv_freq(sampler)) == {torch.float32}
+    assert isinstance(sampler.lm_head, Fp32Head)
