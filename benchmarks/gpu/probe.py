@@ -86,6 +86,7 @@ def _delta(a, b) -> dict:
 
 @torch.no_grad()
 def numerics(args, device, res: dict, save) -> None:
+    from apactl.precision import Fp32Head
     from apactl.rl.forward import policy_forward
     from apactl.sampling import SamplingSpec
 
@@ -114,6 +115,8 @@ def numerics(args, device, res: dict, save) -> None:
         fp32 = policy_forward(policy, seq, resp, spec)[0]
         head.__class__ = torch.nn.Linear  # the autocast (bf16) head
         bf16 = policy_forward(policy, seq, resp, spec)[0]
+        head.__class__ = Fp32Head  # back
+    norm.div_(30.0)
     res["head_fp32_vs_bf16"] = _delta(fp32, bf16)
     save()
     from apactl.offload import Offload
@@ -128,19 +131,16 @@ def numerics(args, device, res: dict, save) -> None:
                                "pinned_reserved_delta": after - before}
     else:
         res["pinned_bytes"] = {"skipped": "no CUDA"}
+    return p.decode_copy(policy.cpu()).to(device)  # for capture_memory: no second load
 
 
 @torch.no_grad()
-def capture_memory(args, device) -> dict:
-    if device.type != "cuda":
-        return {"skipped": "no CUDA"}
-    from transformers import AutoModelForCausalLM
-
+def capture_memory(args, device, model) -> dict:
+    """``model``: the decode copy ``numerics`` made."""
+    if device.type != "cuda" or model is None:
+        return {"skipped": "no CUDA" if model is not None else "no decode copy"}
     import apactl.sampling.static as ds
-    from apactl.precision import fp32_heads, store_matmuls
 
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    model = store_matmuls(fp32_heads(model), torch.bfloat16).to(device).eval()
     q = torch.randint(0, model.config.vocab_size, (args.batch, 64), device=device)
     out = {"before_gib": [x / 2**30 for x in torch.cuda.mem_get_info()]}
     try:
@@ -170,13 +170,14 @@ def main() -> None:
     def save() -> None:
         Path(args.out).write_text(json.dumps(res, indent=2, default=str))
 
+    box: dict = {}
     for name, fn in (("nccl_cpu_allreduce", lambda: nccl_cpu_allreduce(args, device)),
-                     ("numerics", lambda: numerics(args, device, res, save)),
-                     ("capture_memory", lambda: capture_memory(args, device))):
+                     ("numerics", lambda: box.update(copy=numerics(args, device, res, save))),
+                     ("capture_memory", lambda: capture_memory(args, device, box.get("copy")))):
         t0 = time.perf_counter()
         try:
             out = fn()
-            if out is not None:
+            if isinstance(out, dict):
                 res[name] = out
         except Exception as e:  # one failing check must not hide the others
             res[name] = {"error": repr(e), "traceback": traceback.format_exc()[-1500:]}

@@ -18,6 +18,8 @@ set -u
 T0=$(date +%s)
 OUT=${OUT:-/tmp/h200-out}; mkdir -p "$OUT"
 DEADLINE_S=${DEADLINE_S:-540}
+# Step budgets are for the H200; a CPU rehearsal (SMALL=1) needs more time per step.
+SCALE=${SCALE:-$([ "${SMALL:-0}" = 1 ] && echo 4 || echo 1)}
 LOG="$OUT/log.txt"
 exec > >(tee -a "$LOG") 2>&1
 left() { echo $(( DEADLINE_S - ($(date +%s) - T0) )); }
@@ -26,7 +28,7 @@ want() { [[ " $STEPS " == *" $1 "* ]]; }
 # step NAME BUDGET_S CMD...: run CMD with min(BUDGET, time left) seconds; SIGINT first (pytest and
 # the benchmarks write what they have), SIGKILL 10 s later.
 step() {
-  local name=$1 budget=$2; shift 2
+  local name=$1 budget=$(( $2 * SCALE )); shift 2
   local l; l=$(left); (( budget > l )) && budget=$l
   if (( budget < 15 )); then echo "== $name: skipped (${l}s left)" >&2; return; fi
   echo "== $name: up to ${budget}s (t=$(( $(date +%s) - T0 ))s)" >&2
