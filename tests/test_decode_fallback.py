@@ -12,9 +12,8 @@ import torch
 import apactl.sampling.static as ds
 from apactl.data import left_pad
 from apactl.sampling import SamplingSpec
-from apactl.sampling.cuda import cuda_decode
+from apactl.sampling.cuda import cuda_decode, static_decode_support
 from apactl.sampling.loop import decode_loop
-from apactl.sampling.static import static_decode_support
 from apactl.testing import make_tiny_tokenizer
 
 SMALL = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,

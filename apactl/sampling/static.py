@@ -76,44 +76,6 @@ def cached_graphs() -> int:
     return len(_GRAPHS)
 
 
-# RoPE types whose frequencies are a fixed table (transformers' ``dynamic_rope_update`` only
-# recomputes them for "dynamic*" and "longrope", from the sequence length read on the host: a
-# graph would freeze one table, and the ``.item()`` breaks the capture).
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")
-
-
-def _rope_types(config) -> set[str]:
-    """Every rope_type a config names (``rope_parameters`` may hold one dict per layer type)."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-    if not isinstance(params, dict):
-        return {"default"}
-    dicts = [v for v in params.values() if isinstance(v, dict)] or [params]
-    return {str(d.get("rope_type", d.get("type", "default"))) for d in dicts}
-
-
-def static_decode_support(config) -> tuple[bool, str]:
-    """(True, "") when the static-cache decode (and its CUDA graph) can run a model with this
-    config; else (False, why). A pure function of the config, so the choice is testable without
-    a GPU: the static loop writes every layer's K/V at one slot into a full-length cache under a
-    4D mask, which sliding-window/chunked layers (rolling slots, host-side counters), attention
-    implementations that do not read a 4D mask, and sequence-length-dependent RoPE break."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    impl = getattr(config, "_attn_implementation", None) or "sdpa"
-    if impl not in ("sdpa", "eager"):
-        return False, f"attention implementation {impl!r} (a 4D mask is for sdpa/eager)"
-    types = getattr(config, "layer_types", None)
-    odd = sorted({t for t in types or () if t != "full_attention"})
-    if odd:
-        return False, f"layer types {odd} (only full-attention layers fit a static cache)"
-    for name in ("sliding_window", "attention_chunk_size"):
-        if types is None and getattr(config, name, None) is not None:
-            return False, f"config.{name}={getattr(config, name)} (sliding/chunked layers)"
-    rope = sorted(_rope_types(config) - set(STATIC_ROPE))
-    if rope:
-        return False, f"rope_type {rope} (frequencies recomputed from the sequence length)"
-    return True, ""
-
-
 def reset_fallback() -> None:
     """Forget why graphs were last not used, and warn again next time (tests, benchmarks)."""
     global GRAPH_FALLBACK_REASON, _WARNED
