@@ -97,7 +97,7 @@ def numerics(args, device, res: dict, save) -> None:
                                "old_whole_to_bf16": _inv_freq(old_sampler),
                                "policy": _inv_freq(policy)}
     save()
-    seq, resp = _batch(policy, device)
+    seq, resp = _batch(policy, device, args.rows, 32, args.resp_len)
     spec = SamplingSpec()
     old_ref = copy.deepcopy(ref).to(p.dtype)  # the old whole-model bf16 reference
     with p.autocast():
@@ -161,7 +161,9 @@ def capture_memory(args, device, model) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="a causal LM folder (the policy)")
-    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=64, help="rows of the captured decode")
+    ap.add_argument("--rows", type=int, default=8, help="rows of the log-prob comparisons")
+    ap.add_argument("--resp-len", type=int, default=64)
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
