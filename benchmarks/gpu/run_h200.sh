@@ -34,11 +34,13 @@ step() {
   echo "== $name: up to ${budget}s (t=$(( $(date +%s) - T0 ))s)" >&2
   timeout -s INT -k 10 "$budget" "$@"; echo "== $name: exit $? (t=$(( $(date +%s) - T0 ))s)" >&2
 }
-# keep DIR...: copy each run folder's small files (metrics, recipe; no weights) to $OUT/runs.
+# keep PREFIX DIR...: copy each run folder's small files (metrics, recipe; no weights) to
+# $OUT/runs/PREFIX<folder name>.
 keep() {
-  local d; for d in "$@"; do [ -d "$d" ] || continue
-    mkdir -p "$OUT/runs/$(basename "$d")"
-    cp "$d"/*.jsonl "$d"/*.yaml "$d"/*.json "$OUT/runs/$(basename "$d")/" 2>/dev/null
+  local pre=$1 d; shift
+  for d in "$@"; do [ -d "$d" ] || continue
+    mkdir -p "$OUT/runs/$pre$(basename "$d")"
+    cp "$d"/*.jsonl "$d"/*.yaml "$d"/*.json "$OUT/runs/$pre$(basename "$d")/" 2>/dev/null
   done; return 0
 }
 # Rehearsal here: SKIP_WHEELS=1 (this venv has them), TRL_PYTHON / TRL_SITE: a TRL venv.
@@ -51,9 +53,10 @@ if [ "${SKIP_WHEELS:-0}" != 1 ]; then
 fi
 export PYTHONPATH=/tmp/site:$PWD:$PWD/tests PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if [ "${SMALL:-0}" = 1 ]; then
-  BIG=135m; EP=4; TOK=8; MB=2; IT=1; KLIT=2; DEC="--batch 4 --prompt-len 16 --new-tokens 8"; LIM="--matmul-n 256 --copy-mib 16 --reps 2"
+  # (a CPU computes bf16 slowly: the rehearsal decodes and probes with small shapes / fp32)
+  BIG=135m; EP=4; TOK=8; MB=2; IT=1; KLIT=2; DEC="--batch 4 --prompt-len 16 --new-tokens 8 --dtype float32"; LIM="--matmul-n 256 --copy-mib 16 --reps 2"; PROBE="--rows 1 --resp-len 4"
 else
-  BIG=1.7b; EP=64; TOK=128; MB=8; IT=2; KLIT=${KL_ITERS:-12}; DEC="--batch 64 --prompt-len 64 --new-tokens 128"; LIM="--matmul-n 8192 --copy-mib 2048 --reps 5"
+  BIG=1.7b; EP=64; TOK=128; MB=8; IT=2; KLIT=${KL_ITERS:-12}; DEC="--batch 64 --prompt-len 64 --new-tokens 128 --dtype bfloat16"; LIM="--matmul-n 8192 --copy-mib 2048 --reps 5"; PROBE=""
 fi
 M=${MODELS:-/tmp/models}
 $PY ${KIT:-.gpu}/make_models.py $M 135m $([ $BIG != 135m ] && echo $BIG) || exit 1
@@ -67,13 +70,13 @@ want gputests && step "pytest -m gpu" 60 $PY -m pytest -q -p no:cacheprovider -m
   --junitxml "$OUT/pytest-gpu.xml" tests
 # 2. A 30-second probe of each review point (#1 NCCL CPU all_reduce, #3 inv_freq, #4 |delta|
 #    policy/ref/sampler, #5 fp32 vs bf16 head, #13 pinned bytes, #15 memory before a capture).
-want probe && step "probe $BIG" 45 $PY benchmarks/gpu/probe.py --model $M/policy-$BIG \
+want probe && step "probe $BIG" 45 $PY benchmarks/gpu/probe.py --model $M/policy-$BIG $PROBE \
   --out "$OUT/probe-$BIG.json"
 # 3. Decode step time at the big size: CUDA graph first; bytes read = decode copy + KV cache.
 want decode && step "decode $BIG" 45 $PY benchmarks/gpu/decode_bench.py \
-  --model $M/policy-$BIG $DEC --dtype bfloat16 --reps 2 --out "$OUT/decode-$BIG.json"
+  --model $M/policy-$BIG $DEC --reps 2 --out "$OUT/decode-$BIG.json"
 want decode135 && step "decode 135m" 50 $PY benchmarks/gpu/decode_bench.py \
-  --model $M/policy-135m $DEC --dtype bfloat16 --reps 2 --out "$OUT/decode-135m.json"
+  --model $M/policy-135m $DEC --reps 2 --out "$OUT/decode-135m.json"
 
 # 4. apactl at the big size: 1 warm-up (FLOP-counted) + $IT measured iterations; the run folder
 #    (metrics.jsonl, written per iteration) under $OUT/runs.
@@ -94,7 +97,7 @@ want apactl && apactl ppo apactl-ppo-$BIG 85 $PY
 want kl && step "kl trajectory" 150 $PY benchmarks/gpu/precision_check.py --policy $M/policy-135m \
   --reward $M/reward-135m --episodes $EP --new-tokens $TOK --minibatch $MB --modes mixed_bf16,fp32 \
   --iterations $KLIT --skip-one-step --work /tmp/kl-runs --json "$OUT/kl-trajectory.json"
-keep /tmp/kl-runs/*
+keep kl- /tmp/kl-runs/*
 # 6. train.offload_frozen at the big size under torchrun (NCCL, one process) with
 #    run.strategy=fsdp: FSDP itself shards only where it is enabled at world size 1.
 want offload && apactl apa offload-fsdp1-$BIG 80 torchrun --standalone --nproc_per_node 1 -- \
