@@ -132,19 +132,44 @@ def value_loss(
     return loss, stats
 
 
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy [B, T] of the softmax over the last axis of logits [B, T, V]."""
-    logp = F.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+# Bytes of fp32 [rows, V] temporaries per chunk of the log-softmax below: the full [B, T, V]
+# log-softmax, its exp and their product are 3-4 fp32 copies of the logits at once (~30-40 GB
+# for a 128k vocabulary at rollout sizes); chunks bound them. Rows are independent, so the
+# chunked results are bit-identical to the whole-tensor ones.
+SOFTMAX_CHUNK_BYTES = 256 << 20
 
 
-def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+def _row_chunks(logits: Tensor, chunk_bytes: int) -> list[slice]:
+    rows = max(1, chunk_bytes // (4 * logits.shape[-1]))
+    n = logits.shape[0]
+    return [slice(i, i + rows) for i in range(0, n, rows)]
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0,
+                        chunk_bytes: int = SOFTMAX_CHUNK_BYTES) -> Tensor:
+    """Entropy [B, T] of softmax(logits / temperature) over the last axis of logits [B, T, V]
+    (fp32, in chunks of rows of at most ``chunk_bytes`` of fp32 temporaries)."""
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = []
+    for rows in _row_chunks(flat, chunk_bytes):
+        logp = F.log_softmax(flat[rows].float() / temperature, dim=-1)
+        out.append(-(logp.exp() * logp).sum(dim=-1))
+    return torch.cat(out).reshape(logits.shape[:-1])
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0,
+                         chunk_bytes: int = SOFTMAX_CHUNK_BYTES) -> Tensor:
     """log softmax(logits / temperature)[labels]: logits [B, T, V], labels [B, T] -> [B, T].
 
-    Computed in float32 because bf16/fp16 log-softmax is too coarse for importance ratios.
+    Computed in float32 because bf16/fp16 log-softmax is too coarse for importance ratios, in
+    chunks of rows of at most ``chunk_bytes`` of fp32 temporaries.
     """
-    logp = F.log_softmax(logits.float() / temperature, dim=-1)
-    return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    flat, lab = logits.reshape(-1, logits.shape[-1]), labels.reshape(-1, 1)
+    out = []
+    for rows in _row_chunks(flat, chunk_bytes):
+        logp = F.log_softmax(flat[rows].float() / temperature, dim=-1)
+        out.append(logp.gather(-1, lab[rows]).squeeze(-1))
+    return torch.cat(out).reshape(labels.shape)
 
 
 def bradley_terry_loss(chosen: Tensor, rejected: Tensor, margin: float = 0.0

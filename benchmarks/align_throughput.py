@@ -155,11 +155,28 @@ class Recorder:
 
 def count_tokens(actors, prompts, ro, texts, recipe) -> dict[str, Any]:
     """Real (unpadded) token counts of one rollout, and the decoding steps of generation."""
+    from apactl.models import unwrap
+    from apactl.sampling.cuda import CACHE_MULTIPLE
+    from apactl.sampling.static import capture_shape
+
     resp_len = ro.response_mask.sum(1).long()
     b = ro.batch_size
     step = recipe.generation.batch_size or b
     # Each generate() call runs one forward per new token until all of its rows have ended.
-    steps = sum(int(resp_len[i:i + step].max()) for i in range(0, b, step))
+    calls = [(min(step, b - i), int(resp_len[i:i + step].max())) for i in range(0, b, step)]
+    steps = sum(s for _, s in calls)
+    # Bytes the decode reads: the decode model's weights (the 16-bit copy under mixed
+    # precision) each step, plus the KV cache it attends (all slots of the static cache on the
+    # CUDA graph path; the growing cache of the plain loop): both, the metric picks one.
+    model = actors.sampler or actors.policy
+    weights = bl.matmul_params(model)["weight_bytes"]
+    kv_tok = bl.kv_bytes_per_token(unwrap(model).config)
+    p, n_new = ro.query_ids.shape[1], recipe.generation.max_new_tokens
+    read = {"decode_bytes_static": 0, "decode_bytes_plain": 0}
+    for rows, s in calls:
+        bucket, length = capture_shape(rows, p, n_new, CACHE_MULTIPLE)
+        read["decode_bytes_static"] += bl.decode_read_bytes(weights, kv_tok, bucket, s, length, p)
+        read["decode_bytes_plain"] += bl.decode_read_bytes(weights, kv_tok, rows, s, None, p)
     rm_tokens = 0
     judge = actors.judge
     if hasattr(judge, "texts") and hasattr(judge, "tokenizer"):
@@ -170,7 +187,7 @@ def count_tokens(actors, prompts, ro, texts, recipe) -> dict[str, Any]:
     return {"episodes": b, "prompt_tokens": int(ro.query_mask.sum()),
             "response_tokens": int(resp_len.sum()), "response_width": int(ro.response_ids.shape[1]),
             "decode_steps": steps, "generate_calls": math.ceil(b / step),
-            "reward_model_tokens": rm_tokens}
+            "decode_weight_bytes": weights, **read, "reward_model_tokens": rm_tokens}
 
 
 def model_params(actors) -> dict[str, dict[str, int]]:
@@ -246,8 +263,10 @@ def summarize(recipe, warmup, rows, rollouts, walls, params, limits, memory, dty
             "update_6n": tr.epochs_per_rollout * tokens * sum(m["simple_6n"] for m in upd_models),
         }
         times = {k.removeprefix("time/"): v for k, v in row.items() if k.startswith("time/")}
+        graph = bool(row.get("gen/cuda_graph", 0.0))
         per_it.append({"step": row["step"], "measured": i >= warmup, "times": times,
-                       "wall_s": wall, **ro, "flops": flops,
+                       "wall_s": wall, **ro, "flops": flops, "cuda_graph": graph,
+                       "decode_bytes": ro[f"decode_bytes_{'static' if graph else 'plain'}"],
                        "reward_mean": row.get("reward/score_mean"),
                        "response_length_mean": row.get("response/length_mean"),
                        "eos_rate": row.get("response/eos_rate")})
@@ -273,7 +292,8 @@ def summarize(recipe, warmup, rows, rollouts, walls, params, limits, memory, dty
     it_time = tsum("iteration")
     it_flops = sum(phase_flops[p] for p in PHASES)
     steps = sum(r["decode_steps"] for r in meas)
-    read_gbps = pol["weight_bytes"] * steps / phase_time["generate"] / 1e9
+    # What the decode reads (the decode copy's weights + the KV cache), not the fp32 masters
+    read_gbps = sum(r["decode_bytes"] for r in meas) / phase_time["generate"] / 1e9
     episodes = sum(r["episodes"] for r in meas)
     walls = [r["wall_s"] for r in meas if r["wall_s"] is not None]
     all_rewards = [r["reward_mean"] for r in per_it]
@@ -297,8 +317,10 @@ def summarize(recipe, warmup, rows, rollouts, walls, params, limits, memory, dty
         "gflops_per_s_iteration": it_flops / it_time / 1e9,
         "mfu": {k: v / peak for k, v in rate.items()},
         "mfu_iteration": it_flops / it_time / peak,
-        "decode": {"weight_bytes": pol["weight_bytes"], "steps_per_iteration": steps / n,
-                   "weight_read_gbps": read_gbps,
+        "decode": {"weight_bytes": meas[0]["decode_weight_bytes"],
+                   "bytes_per_iteration": sum(r["decode_bytes"] for r in meas) / n,
+                   "cuda_graph": all(r["cuda_graph"] for r in meas),
+                   "steps_per_iteration": steps / n, "read_gbps": read_gbps,
                    "fraction_of_copy_bandwidth": read_gbps / limits["copy_gbps_rw"]},
         "executed": _executed(executed, per_it[0], meas, phase_time, peak),
         "reward_mean_by_iteration": all_rewards,
@@ -410,8 +432,10 @@ def print_report(res: dict[str, Any]) -> None:
         f"limits (same process, {lim['threads']} threads): matmul {lim['matmul_n']}^3 "
         f"{lim['matmul_dtype']} {bl.fmt(lim['matmul_gflops'])} GFLOP/s, copy "
         f"{bl.fmt(lim['copy_gbps_rw'])} GB/s (read+write, {lim['copy_mib']} MiB)",
-        f"decode: {bl.fmt(d['weight_bytes'] / 1e6)} MB of weights x "
-        f"{bl.fmt(d['steps_per_iteration'])} steps/iteration = {bl.fmt(d['weight_read_gbps'])} "
+        f"decode ({'CUDA graph' if d['cuda_graph'] else 'eager'}): "
+        f"{bl.fmt(d['weight_bytes'] / 1e6)} MB of decode weights x "
+        f"{bl.fmt(d['steps_per_iteration'])} steps + KV cache = "
+        f"{bl.fmt(d['bytes_per_iteration'] / 1e9)} GB/iteration, {bl.fmt(d['read_gbps'])} "
         f"GB/s read = {100 * d['fraction_of_copy_bandwidth']:.1f}% of the copy bandwidth",
         "reward (raw judge score) by iteration: "
         + ", ".join(bl.fmt(x) for x in s["reward_mean_by_iteration"]),

@@ -209,6 +209,29 @@ def matmul_params(model) -> dict[str, int]:
             "weight_bytes": weight_bytes}
 
 
+def kv_bytes_per_token(config, elem: int = 2) -> int:
+    """Bytes of K and V one token occupies in a KV cache (every layer), ``elem`` bytes each:
+    what a decode step reads per cached token (16-bit K/V under autocast: 2)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers * 2 * kv * head_dim * elem
+
+
+def decode_read_bytes(weight_bytes: int, kv_per_token: int, rows: int, steps: int,
+                      cache_len: int | None, prompt_len: int) -> int:
+    """Bytes one decode call of ``steps`` steps reads: the decode model's weights every step,
+    plus the KV cache attended: all ``cache_len`` slots of a static cache (CUDA graph path;
+    ``rows`` = its bucketed row count), or the growing prompt + t tokens of the plain loop
+    (``cache_len`` None)."""
+    if cache_len is not None:
+        kv = steps * rows * cache_len * kv_per_token
+    else:
+        kv = rows * kv_per_token * sum(prompt_len + t for t in range(steps))
+    return steps * weight_bytes + kv
+
+
 def train_flops_per_token(p: dict[str, int]) -> dict[str, int]:
     """Forward + backward FLOPs per token of one model under both conventions.
 

@@ -18,6 +18,7 @@ from apactl.models import (
     resolve_model_ref,
     sequence_scores,
 )
+from apactl.precision import fp32_heads, store_matmuls
 
 REWARD_STATS = "reward_stats.json"
 
@@ -68,9 +69,14 @@ class RewardModelJudge:
         if normalize and self.stats is None:
             raise ModelError(f"{path}: no {REWARD_STATS} (apactl rm writes it in final/), "
                              "which normalize: true needs; set normalize=false to use raw scores")
-        self.model, self.tokenizer = load_sequence_classifier(
-            path, device, dtype or torch.float32, trainable=False, trained_head=True)
-        self.model.eval()
+        # fp32 on the host, then 16-bit matmul weights only, fp32 score head, run under
+        # autocast (apactl.precision): scores are not rounded to bf16 (0.03 apart near 4).
+        self.dtype = dtype or torch.float32
+        model, self.tokenizer = load_sequence_classifier(path, "cpu", torch.float32,
+                                                         trainable=False, trained_head=True)
+        fp32_heads(model)
+        store_matmuls(model, self.dtype)
+        self.model = model.to(device).eval()
         self.device = device
         self.batch_size = batch_size
         self.max_len = max_len
@@ -89,8 +95,10 @@ class RewardModelJudge:
                                   truncation=True, max_length=self.max_len)["input_ids"]
                    for t in texts[i:i + self.batch_size]]
             ids, mask = right_pad(enc, self.tokenizer.pad_token_id)
-            out.append(sequence_scores(self.model, ids.to(self.device),
-                                       mask.to(self.device)).float().cpu())
+            with torch.autocast(torch.device(self.device).type, dtype=self.dtype,
+                                enabled=self.dtype != torch.float32):
+                out.append(sequence_scores(self.model, ids.to(self.device),
+                                           mask.to(self.device)).float().cpu())
         scores = torch.cat(out) if out else torch.zeros(0)
         if self.normalize:
             scores = (scores - self.stats["mean"]) / self.stats["std"]

@@ -21,9 +21,17 @@ from apactl.data import left_pad
 from apactl.distributed import Dist
 from apactl.masked import masked_mean
 from apactl.metrics import Timer
+from apactl.models import unwrap
 from apactl.rl.forward import Forwards, build_sequences, fit_width
 from apactl.rl.types import Rollout
-from apactl.sampling import SamplingSpec, Stream, sample, seeded_chunks
+from apactl.sampling import (
+    SamplingSpec,
+    Stream,
+    release_decode_memory,
+    sample,
+    seeded_chunks,
+    used_cuda_graph,
+)
 
 
 @dataclass
@@ -84,9 +92,18 @@ class RolloutPlan:
     pad_id: int
     backend: str = "auto"
     autocast: Callable[[], Any] = lambda: torch.autocast("cpu", enabled=False)
-    # Tokens (rows x padded length) per scoring forward when forward_batch is None: on a GPU one
-    # large forward uses the device far better than many small ones.
+    # Per scoring forward when forward_batch is None (``scoring_rows``): tokens (rows x padded
+    # length; on a GPU one large forward uses the device far better than many small ones) and
+    # bytes of fp32 logits (the vocabulary counts: 128k is 2.6x 49k).
     forward_tokens: int = 16384
+    forward_bytes: int = 4 << 30
+
+
+def scoring_rows(width: int, vocab: int, tokens: int, nbytes: int) -> int:
+    """Rows per scoring forward of ``width``-token rows: at most ``tokens`` tokens, and at most
+    ``nbytes`` for the forward's fp32 [rows, width, vocab] logits plus their [rows, T <= width,
+    vocab] response gather (the log-softmax itself is chunked: ``losses.logprobs_from_logits``)."""
+    return max(1, min(tokens // width, nbytes // (2 * width * vocab * 4)))
 
 
 def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
@@ -113,12 +130,17 @@ def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, time
     chunks = seeded_chunks(len(prompts), size,
                            lambda rows: _chunk(actors, prompts[rows], plan, timer, lockstep),
                            plan.seed, stream, key, dist, idle)
+    # The decode's CUDA graphs and static KV caches are not needed until the next rollout:
+    # freed here, so the update (and scoring of other rollouts) has that memory.
+    release_decode_memory()
     ro, ent, ended, kept = _merge(chunks, plan.pad_id, actors.device)
     actors.forwards.remember(kept)
     mask = ro.response_mask
     stats = {"policy/entropy": masked_mean(ent, mask).item(),
              "response/length_mean": mask.sum(1).mean().item(),
-             "response/eos_rate": ended.float().mean().item()}
+             "response/eos_rate": ended.float().mean().item(),
+             # 1: every chunk was decoded by a replayed CUDA graph; 0: some chunk fell back
+             "gen/cuda_graph": float(all(bool(c["cuda_graph"].all()) for c in chunks))}
     return ro, [t for c in chunks for t in c["texts"]], stats
 
 
@@ -140,8 +162,12 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer,
     with timer("generate"), plan.autocast():
         resp, mask = sample(sampler, q_ids, q_mask, plan.spec, actors.eos, plan.pad_id,
                             plan.backend)
+    graph = torch.full((resp.shape[0],), used_cuda_graph(), dtype=torch.bool,
+                       device=resp.device)
     seq = build_sequences(q_ids, q_mask, resp, mask, plan.pad_id)
-    fb = plan.forward_batch or max(1, plan.forward_tokens // seq.input_ids.shape[1])
+    vocab = unwrap(actors.policy).get_output_embeddings().weight.shape[0]
+    fb = plan.forward_batch or scoring_rows(seq.input_ids.shape[1], vocab, plan.forward_tokens,
+                                            plan.forward_bytes)
     starts = range(0, resp.shape[0], fb)
     extra = lockstep.max_int(len(starts)) - len(starts) if lockstep is not None else 0
     with actors.frozen_on_device(timer):
@@ -160,7 +186,7 @@ def _chunk(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer,
     ended = (torch.isin(resp, torch.tensor(actors.eos, device=dev)) & mask.bool()).any(1)
     out = {"query_ids": q_ids, "query_mask": q_mask, "response_ids": resp, "response_mask": mask,
            "scores": raw, "ended": ended, **scored}
-    return {**out, "texts": texts}
+    return {**out, "texts": texts, "cuda_graph": graph}
 
 
 def _fillers(actors: Actors, plan: RolloutPlan, timer: Timer, n: int) -> None:

@@ -12,7 +12,9 @@
 """
 
 from apactl.sampling.chunks import Stream, chunk_seed, seeded_chunks
-from apactl.sampling.spec import SamplingSpec, eos_ids, response_mask, sample
+from apactl.sampling.spec import SamplingSpec, eos_ids, response_mask, sample, used_cuda_graph
+from apactl.sampling.static import release_decode_memory
 
-__all__ = ["SamplingSpec", "Stream", "chunk_seed", "eos_ids", "response_mask", "sample",
-           "seeded_chunks"]
+__all__ = ["SamplingSpec", "Stream", "chunk_seed", "eos_ids", "release_decode_memory",
+           "response_mask", "sample",
+           "seeded_chunks", "used_cuda_graph"]

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from apactl.models import unwrap
+from apactl.precision import Fp32Head
 
 
 def _weight_major(module: torch.nn.Linear):
@@ -39,7 +40,9 @@ def weight_major_linears(model, enabled: bool = True) -> Iterator[None]:
     """
     mods = []
     if enabled:
+        # Fp32Head keeps its own forward: it must not compute in the autocast dtype.
         mods = [m for m in model.modules() if isinstance(m, torch.nn.Linear)
+                and not isinstance(m, Fp32Head)
                 and "forward" not in m.__dict__ and m.weight.device.type == "cpu"]
     for m in mods:
         m.forward = _weight_major(m)

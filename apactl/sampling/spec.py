@@ -60,7 +60,7 @@ class SamplingSpec:
         """Entropy [B, T] of the temperature-scaled distribution over the vocabulary."""
         from apactl.losses import entropy_from_logits
 
-        return entropy_from_logits(logits.float() / self.temperature)
+        return entropy_from_logits(logits, self.temperature)
 
 
 def eos_ids(model, tokenizer) -> list[int]:
@@ -85,6 +85,15 @@ def response_mask(response_ids: Tensor, eos: list[int]) -> Tensor:
     return (seen_before == 0).float()
 
 
+_LAST_GRAPH = False
+
+
+def used_cuda_graph() -> bool:
+    """Whether every decode of the last ``sample`` call replayed a CUDA graph (metric
+    ``gen/cuda_graph``); False for the CPU loop, ``generate`` and every fallback."""
+    return _LAST_GRAPH
+
+
 @torch.no_grad()
 def sample(model, query_ids: Tensor, query_mask: Tensor, spec: SamplingSpec, eos: list[int],
            pad_id: int, backend: str = "auto", batch_size: int | None = None
@@ -94,12 +103,18 @@ def sample(model, query_ids: Tensor, query_mask: Tensor, spec: SamplingSpec, eos
     T <= max_new_tokens (generation stops early when every row has ended). Positions after the
     first EOS hold ``pad_id``. ``batch_size``: prompts per decode call (None: all).
     """
+    import apactl.sampling.static as static
     from apactl.sampling.backends import decoder
 
+    global _LAST_GRAPH
     draw = decoder(backend, query_ids.device)
     step = batch_size or query_ids.shape[0]
-    outs = [draw(model, query_ids[i:i + step], query_mask[i:i + step], spec, eos, pad_id)
-            for i in range(0, query_ids.shape[0], step)]
+    outs, graphs = [], []
+    for i in range(0, query_ids.shape[0], step):
+        static.LAST_RUN_GRAPH = False  # only the CUDA graph path sets it
+        outs.append(draw(model, query_ids[i:i + step], query_mask[i:i + step], spec, eos, pad_id))
+        graphs.append(static.LAST_RUN_GRAPH)
+    _LAST_GRAPH = all(graphs)
     width = max(o.shape[1] for o in outs)
     resp = torch.cat([torch.nn.functional.pad(o, (0, width - o.shape[1]), value=pad_id)
                       for o in outs])

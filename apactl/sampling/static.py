@@ -43,6 +43,7 @@ from torch import Tensor
 MAX_CACHED_GRAPHS = 4  # each entry holds a full KV cache: keep few
 GRAPH_FALLBACK_REASON: str | None = None  # why the last graph request ran eagerly; None: it didn't
 CAPTURE_COUNT = 0  # graphs captured by this process (a benchmark/test can check reuse)
+LAST_RUN_GRAPH = False  # the last decode_static call replayed a CUDA graph
 _GRAPHS: OrderedDict[tuple, _State] = OrderedDict()
 _WARNED = False
 
@@ -50,6 +51,24 @@ _WARNED = False
 def clear_graphs() -> None:
     """Drop every cached CUDA graph with its static cache and buffers (frees their memory)."""
     _GRAPHS.clear()
+
+
+def release_decode_memory() -> None:
+    """``clear_graphs`` and hand the graphs' private memory pools back to the device (a private
+    pool's blocks cannot serve ordinary allocations). Called at the end of every rollout."""
+    had = bool(_GRAPHS)
+    clear_graphs()
+    if had and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def capture_shape(b: int, p: int, n_new: int, cache_multiple: int) -> tuple[int, int]:
+    """(rows, cache length) a decode of ``b`` prompts of ``p`` columns and ``n_new`` new tokens
+    is captured at: rows rounded up to a power of two (to 8 at least) and, above 64, to a
+    multiple of 64; the length P + N rounded up to ``cache_multiple``. A smaller last chunk or
+    an evaluation batch then replays a graph captured for a larger one (extra rows are filler)."""
+    rows = max(8, 1 << (b - 1).bit_length()) if b <= 64 else -(-b // 64) * 64
+    return rows, -(-(p + n_new) // cache_multiple) * cache_multiple
 
 
 def cached_graphs() -> int:
@@ -183,11 +202,12 @@ def _sample_into(st: _State, logits: Tensor, warpers: list, pad_id: int) -> None
 
 
 def _prefill(model, st: _State, q: Tensor, m: Tensor, kw: str, warpers: list,
-             pad_id: int) -> None:
+             pad_id: int, real: int | None = None) -> None:
     """Reset ``st`` in place, run prompts q [B, P] (mask m [B, P]) into the cache, draw column 0.
 
     Not part of any graph: transformers builds the prefill mask from the 2D mask itself (its
-    host-side checks are fine here), padding it over the empty cache slots.
+    host-side checks are fine here), padding it over the empty cache slots. Rows from ``real``
+    on are filler (a bucketed batch): ended from the start, they draw ``pad_id`` only.
     """
     p = q.shape[1]
     st.cache.reset()  # zeroes K/V and the layers' write offsets in place: addresses stay
@@ -202,6 +222,9 @@ def _prefill(model, st: _State, q: Tensor, m: Tensor, kw: str, warpers: list,
     st.t.zero_()
     st.done.zero_()
     st.end.fill_(st.out.shape[1] - 1)
+    if real is not None:
+        st.done[real:] = True
+        st.end[real:] = 0
     st.out.fill_(pad_id)
     _sample_into(st, out.logits[:, -1, :], warpers, pad_id)
 
@@ -238,13 +261,13 @@ def capture_graph(step: Callable[[], None], n_warm: int, device: torch.device):
     return graph
 
 
-def _fall_back(reason: str) -> None:
+def fall_back(reason: str) -> None:
     """Record why graphs are not used; warn once per process (never raise)."""
     global GRAPH_FALLBACK_REASON, _WARNED
     GRAPH_FALLBACK_REASON = reason
     if not _WARNED:
         _WARNED = True
-        warnings.warn(f"decode_static: CUDA graphs off, eager static-cache loop used ({reason})",
+        warnings.warn(f"CUDA graphs off for decoding ({reason}); decoding eagerly (slower)",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -267,16 +290,17 @@ def _try_capture(st: _State, step: Callable[[], None], n_warm: int,
         st.failed = True
         # torch.cuda.graph's __exit__ may raise its own error over the step's: keep both
         cause = f" (during: {e.__context__!r})" if e.__context__ is not None else ""
-        _fall_back(f"capture failed: {type(e).__name__}: {e}{cause}")
+        fall_back(f"capture failed: {type(e).__name__}: {e}{cause}")
 
 
-def _rng_get(device: torch.device):
+def rng_state(device: torch.device):
+    """The device's default generator state (None for devices without one here)."""
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
     return torch.get_rng_state() if device.type == "cpu" else None
 
 
-def _rng_set(device: torch.device, state) -> None:
+def set_rng_state(device: torch.device, state) -> None:
     if device.type == "cuda":
         torch.cuda.set_rng_state(state, device)
     elif device.type == "cpu":
@@ -298,12 +322,12 @@ def _run(st: _State, step: Callable[[], None], n_new: int, check_every: int,
             if bool(st.done.all()):  # the one host sync per check_every steps
                 break
             before.clear()
-        before[t] = _rng_get(device)
+        before[t] = rng_state(device)
         step()
         ran = t + 1
     width = int(st.end.max()) + 1
     if width < ran:
-        _rng_set(device, before[width])
+        set_rng_state(device, before[width])
     return width
 
 
@@ -311,7 +335,7 @@ def _run(st: _State, step: Callable[[], None], n_new: int, check_every: int,
 def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperature: float,
                   top_k: int, top_p: float, eos: list[int], pad_id: int,
                   check_every: int = 16, cuda_graphs: bool | None = None,
-                  cache_multiple: int = 1) -> Tensor:
+                  cache_multiple: int = 1, bucket_rows: bool = False) -> Tensor:
     """LEFT-padded prompts q [B, P] with mask m [B, P] -> new tokens [B, T], T <= max_new_tokens.
 
     The tokens (and the RNG state afterwards) are those of the reference DynamicCache loop for
@@ -321,16 +345,22 @@ def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperatu
     instead (one warning; the reason is kept in ``GRAPH_FALLBACK_REASON``). ``cache_multiple``:
     round the cache length P + max_new_tokens up to a multiple of it, so that rollouts whose
     prompt lengths differ a little share one cached graph (the extra slots stay masked).
+    ``bucket_rows``: run B rounded up as ``capture_shape`` does (filler rows are ended from the
+    start), so smaller batches share a graph; the draws are then those of the larger batch
+    (the same distribution, not the reference loop's tokens for the seed).
     """
     if q.dim() != 2 or m.shape != q.shape:
         raise ValueError(f"q and m must both be [B, P], got {tuple(q.shape)} and {tuple(m.shape)}")
     if min(max_new_tokens, check_every, cache_multiple) < 1:
         raise ValueError("max_new_tokens, check_every and cache_multiple must be >= 1")
-    device, (b, p), n_new = q.device, q.shape, max_new_tokens
-    length = -(-(p + n_new) // cache_multiple) * cache_multiple
+    device, (real, p), n_new = q.device, q.shape, max_new_tokens
+    rows, length = capture_shape(real, p, n_new, cache_multiple)
+    b = rows if bucket_rows else real
+    if b > real:  # filler: copies of row 0 (a fully masked row would give NaN attention)
+        q, m = (torch.cat([x, x[:1].expand(b - real, -1)]) for x in (q, m))
     graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
     if graphs and not graphs_possible(device):
-        _fall_back(f"inputs are on {device.type}, not CUDA")
+        fall_back(f"inputs are on {device.type}, not CUDA")
         graphs = False
     kw, warpers = _cache_kwarg(model), _warpers(temperature, top_k, top_p)
     dtype = next(model.parameters()).dtype
@@ -344,13 +374,15 @@ def decode_static(model, q: Tensor, m: Tensor, *, max_new_tokens: int, temperatu
     key = (id(model), b, length, n_new, dtype, str(device), model.training, impl,
            float(temperature), int(top_k), float(top_p), tuple(eos), pad_id)
     st = _cached_state(model, key, make) if graphs else make()
-    rng0 = _rng_get(device)
-    start = partial(_prefill, model, st, q, m, kw, warpers, pad_id)
+    rng0 = rng_state(device)
+    start = partial(_prefill, model, st, q, m, kw, warpers, pad_id, real if b > real else None)
     eager = partial(decode_step, model, st, kw, mask_fn, warpers, pad_id)
     start()  # also sizes the cache's lazily allocated tensors
     step = _graph_step(st, eager, start, rng0, device, n_new) if graphs else eager
+    global LAST_RUN_GRAPH
+    LAST_RUN_GRAPH = step is not eager
     width = _run(st, step, n_new, check_every, device)
-    return st.out[:, :width].clone()
+    return st.out[:real, :width].clone()
 
 
 def _graph_step(st: _State, eager: Callable[[], None], start: Callable[[], None], rng0,
@@ -360,7 +392,7 @@ def _graph_step(st: _State, eager: Callable[[], None], start: Callable[[], None]
     if st.graph is None and not st.failed and n_new > 1:
         _try_capture(st, eager, min(2, n_new - 1), device)
         # warm-up and capture advanced the buffers and the RNG: start this rollout again
-        _rng_set(device, rng0)
+        set_rng_state(device, rng0)
         start()
     if st.graph is None:
         return eager

@@ -10,6 +10,7 @@ from apactl.config import AlignRecipe
 from apactl.errors import ModelError, UserError
 from apactl.hooks import Hooks
 from apactl.metrics import console
+from apactl.precision import fp32_heads
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
 from apactl.rl.loop import LoopPlan, RLRun, run_rl
 from apactl.rl.rollout import Actors, RolloutPlan
@@ -31,13 +32,18 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     policy, tok = load_policy(recipe.policy, rt.device, p.master_dtype,
                               freeze_bottom_layers=tr.freeze_bottom_layers)
     sharded = recipe.run.strategy == "fsdp" and rt.dist.joined
+    fp32_heads(policy)
     if not sharded:  # an FSDP unit needs one dtype: sharded models keep fp32 throughout
         p.store_frozen(policy)
     offload = _offload(recipe, rt)
     if offload is not None and not offload.active:
         console.print("train.offload_frozen: the device is the CPU; nothing to offload")
     # Each frozen model goes to the host as soon as it is loaded: the GPU holds one at a time.
-    ref = load_reference(policy, recipe.policy, rt.device, p.frozen_dtype)
+    # Loaded in the masters' dtype (on the host: no device peak), then stored as the policy's
+    # frozen part is, so that it computes exactly what the initial policy computes.
+    ref = load_reference(policy, recipe.policy, "cpu", p.master_dtype)
+    if ref is not None:
+        ref = p.store_inference(ref).to(rt.device)
     if offload is not None:
         offload.add(ref)
     judge = build_judge(recipe.reward, device=rt.device, dtype=p.frozen_dtype, field="reward")
@@ -50,6 +56,7 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
             freeze_bottom_layers=critic_k, trained_head=recipe.critic.init != "policy")
     except ModelError as exc:
         raise ModelError(f"critic.init: {exc}") from None
+    fp32_heads(critic)
     if not sharded:
         p.store_frozen(critic)
     if critic_tok.get_vocab() != tok.get_vocab():
@@ -127,16 +134,17 @@ def _critic_source(recipe: AlignRecipe, judge) -> str:
 
 
 def _sampler(policy, rt: Runtime):
-    """Under mixed precision on CUDA, decode with a 16-bit copy of the policy: a decode step
-    reads every weight once, and autocast would re-cast the fp32 weights on every step (4x the
-    bytes). ``Actors.sync_sampler`` refreshes it after each update, in place (a captured CUDA
-    graph keeps reading the same storage)."""
+    """Under mixed precision, decode with a 16-bit copy of the policy: a decode step reads
+    every weight once, and autocast would re-cast the fp32 weights on every step (4x the bytes
+    on a GPU; on the CPU, where mixed precision is a test mode, the copy runs the CUDA path).
+    Only its matmul weights are 16-bit (``Precision.decode_copy``): under autocast it then
+    draws from exactly the distribution the policy's old log-probs describe.
+    ``Actors.sync_sampler`` refreshes it after each update, in place (a captured CUDA graph
+    keeps reading the same storage)."""
     p = rt.precision
-    if not p.mixed or rt.device.type != "cuda":
+    if not p.mixed:
         return policy
-    copy_ = copy.deepcopy(policy).to(p.dtype)
-    copy_.requires_grad_(False)
-    return copy_.eval()
+    return p.decode_copy(policy)
 
 
 def _eval_judges(recipe: AlignRecipe, rt: Runtime) -> tuple[dict[str, Any], Any]:

@@ -6,8 +6,11 @@
 
 Per-step time = (t(N new tokens) - t(1)) / (N - 1), prefill cancelled out; EOS is disabled (id
 -1). Best of ``--reps`` runs: CUDA events on a GPU, ``perf_counter`` on a CPU (no (c) there).
-Weight-read lower bound of a step = parameter bytes / copy bandwidth (read+write bytes/s of
-``dst.copy_(src)``, as in benchmarks/benchlib.py); KV-cache reads come on top.
+``--storage align`` (default): the model is stored and run as align's decode copy (fp32 load,
+16-bit matmul weights, fp32 embeddings/norms/head, under autocast); ``whole``: every weight in
+``--dtype``. Bytes a step reads = the decode model's parameter bytes + the KV cache it attends
+(all P + N slots of the static cache; P + t on average for the reference loop); lower bound of a
+step = those bytes / copy bandwidth (read+write bytes/s of ``dst.copy_(src)``).
 ``--model random:smollm2-135m`` (or -360m): a random Llama of that shape (no checkpoint needed).
 
   python benchmarks/gpu/decode_bench.py --model FOLDER --batch 64 --prompt-len 64 \
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -33,18 +37,27 @@ SHAPES = {  # hidden, intermediate, layers, heads, kv heads of the SmolLM2 check
     "smollm2-135m": (576, 1536, 30, 9, 3), "smollm2-360m": (960, 2560, 32, 15, 5)}
 
 
-def load(name: str, dtype: torch.dtype, device: torch.device):
+def load(name: str, dtype: torch.dtype, device: torch.device, storage: str = "align"):
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+    from apactl.precision import fp32_heads, store_matmuls
+
     if not name.startswith("random:"):
-        return AutoModelForCausalLM.from_pretrained(name, dtype=dtype).to(device).eval()
-    h, i, n, a, kv = SHAPES[name.removeprefix("random:")]
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=h, intermediate_size=i, num_hidden_layers=n,
-                      num_attention_heads=a, num_key_value_heads=kv, tie_word_embeddings=True,
-                      max_position_embeddings=8192, pad_token_id=2, eos_token_id=2)
-    torch.manual_seed(0)
-    with torch.device(device):
-        return LlamaForCausalLM(cfg).to(dtype).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=torch.float32 if storage == "align" else dtype)
+    else:
+        h, i, n, a, kv = SHAPES[name.removeprefix("random:")]
+        cfg = LlamaConfig(vocab_size=49152, hidden_size=h, intermediate_size=i,
+                          num_hidden_layers=n, num_attention_heads=a, num_key_value_heads=kv,
+                          tie_word_embeddings=True, max_position_embeddings=8192,
+                          pad_token_id=2, eos_token_id=2)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(cfg)
+    if storage == "align":  # what workflows.align decodes with (Precision.decode_copy)
+        store_matmuls(fp32_heads(model), dtype)
+    else:
+        model = model.to(dtype)
+    return model.to(device).eval()
 
 
 def timed(fn, device: torch.device, reps: int) -> float:
@@ -84,19 +97,32 @@ def prompts(vocab: int, batch: int, length: int, pad: int, device: torch.device)
     return q.masked_fill(m == 0, pad).to(device), m.to(device)
 
 
-def loops(model, q, m, pad: int) -> dict:
+def loops(model, q, m, pad: int, autocast) -> dict:
     """name -> fn(n_new) -> new tokens [B, T]; EOS id -1 is never drawn: rows run every step."""
     def reference(n):
-        return decode_loop(model, q, m, SamplingSpec(max_new_tokens=n), [-1], pad)
+        with autocast():
+            return decode_loop(model, q, m, SamplingSpec(max_new_tokens=n), [-1], pad)
 
     def static(graphs):
-        return lambda n: ds.decode_static(model, q, m, max_new_tokens=n, temperature=1.0,
-                                          top_k=0, top_p=1.0, eos=[-1], pad_id=pad,
-                                          cuda_graphs=graphs)
+        def run(n):
+            with autocast():
+                return ds.decode_static(model, q, m, max_new_tokens=n, temperature=1.0,
+                                        top_k=0, top_p=1.0, eos=[-1], pad_id=pad,
+                                        cuda_graphs=graphs)
+        return run
     return {"reference": reference, "static": static(False), "graph": static(True)}
 
 
-def stage(name: str, run, n: int, device, reps: int, batch: int, bound: float | None) -> dict:
+def step_bytes(name: str, weight_bytes: int, kv_per_token: int, batch: int, p: int,
+               n: int) -> int:
+    """Bytes one decode step reads: the weights, plus the KV cache attended (every P + N slot
+    of the static cache; P + t, on average P + N/2, for the reference loop's growing cache)."""
+    attended = p + n if name != "reference" else p + n / 2
+    return int(weight_bytes + batch * attended * kv_per_token)
+
+
+def stage(name: str, run, n: int, device, reps: int, batch: int, nbytes: int,
+          bw: float | None) -> dict:
     """Time one loop; the tokens of a seeded run are kept to compare loops."""
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the previous loop's cache blocks: a graph pool needs memory
@@ -110,9 +136,11 @@ def stage(name: str, run, n: int, device, reps: int, batch: int, bound: float | 
     t_n, t_1 = timed(seeded, device, reps), timed(lambda: run(1), device, reps)
     step = (t_n - t_1) / max(n - 1, 1)
     row = {"step_ms": step, "tokens_per_s": batch / (step / 1e3), "prefill_ms": t_1,
-           "first_call_ms": first, "total_ms": t_n, "_tokens": box["tokens"]}
-    if bound:
-        row["fraction_of_bound"] = bound / step
+           "first_call_ms": first, "total_ms": t_n, "_tokens": box["tokens"],
+           "read_bytes_per_step": nbytes, "read_GBps": nbytes / (step / 1e3) / 1e9}
+    if bw:
+        row["lower_bound_step_ms"] = nbytes / bw * 1e3
+        row["fraction_of_bound"] = row["lower_bound_step_ms"] / step
     if name == "graph":
         row.update(fallback=ds.GRAPH_FALLBACK_REASON, captures=ds.CAPTURE_COUNT)
     return row
@@ -127,32 +155,45 @@ def main() -> None:
                           ("--reps", 3)):
         ap.add_argument(flag, type=int, default=default)
     ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--storage", choices=("align", "whole"), default="align")
     ap.add_argument("--out", help="write the JSON here too, after every loop")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    model = load(args.model, dtype, device)
+    model = load(args.model, dtype, device, args.storage)
+    half = args.storage == "align" and dtype != torch.float32
+
+    def autocast():
+        return torch.autocast(device.type, dtype=dtype, enabled=half)
     pad = model.config.pad_token_id or 0
     q, m = prompts(model.config.vocab_size, args.batch, args.prompt_len, pad, device)
     result = {"config": vars(args), "torch": torch.__version__,
               "transformers": transformers.__version__, "device": torch.cuda.get_device_name(
                   device) if device.type == "cuda" else "cpu"}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+    import benchlib as bl
+
     weights = result["weights"] = {"param_bytes": sum(p.numel() * p.element_size()
-                                                      for p in model.parameters())}
+                                                      for p in model.parameters()),
+                                   "kv_bytes_per_token": bl.kv_bytes_per_token(model.config)}
+    bw = None
     try:
         bw = copy_bandwidth(device, dtype)
-        weights.update(copy_GBps=bw / 1e9, lower_bound_step_ms=weights["param_bytes"] / bw * 1e3)
+        weights.update(copy_GBps=bw / 1e9, weights_only_step_ms=weights["param_bytes"] / bw * 1e3)
     except Exception as e:
         weights["error"] = repr(e)
     # The CUDA graph first: its private memory pool is allocated before the other loops'
     # caches fragment the allocator.
-    for name, run in sorted(loops(model, q, m, pad).items(), key=lambda kv: kv[0] != "graph"):
+    for name, run in sorted(loops(model, q, m, pad, autocast).items(),
+                            key=lambda kv: kv[0] != "graph"):
         if name == "graph" and device.type != "cuda":
             result[name] = {"skipped": "no CUDA device"}
             continue
+        nbytes = step_bytes(name, weights["param_bytes"], weights["kv_bytes_per_token"],
+                            args.batch, args.prompt_len, args.new_tokens)
         try:
             result[name] = stage(name, run, args.new_tokens, device, args.reps, args.batch,
-                                 weights.get("lower_bound_step_ms"))
+                                 nbytes, bw)
         except Exception as e:  # one failing loop must not hide the others' numbers
             result[name] = {"error": repr(e), "traceback": traceback.format_exc()[-2000:]}
         if args.out:  # what is measured so far survives a time limit
