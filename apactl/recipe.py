@@ -19,7 +19,7 @@ from apactl.config import RECIPES, AlignRecipe, EvalRecipe, RecipeBase
 from apactl.errors import RecipeError
 from apactl.sources import BUILTIN, looks_local, resolve_source
 
-ALGO_NAMES = ("apa", "ppo", "awr")
+ALGO_NAMES = ("apa", "ppo", "awr", "grpo", "rloo")
 # The recipes shipped with apactl: the repository's recipes/ in a source checkout, else the
 # copies inside the package (an installed wheel ships the quickstart's only).
 _REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"

@@ -1,5 +1,5 @@
-"""``apactl align --algo apa|ppo|awr``: build the pieces from the recipe, then run the RL loop
-(``apactl.rl.loop``)."""
+"""``apactl align --algo apa|ppo|awr|grpo|rloo``: build the pieces from the recipe, then run the
+RL loop (``apactl.rl.loop``)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from apactl.config import AlignRecipe
 from apactl.errors import UserError
 from apactl.hooks import Hooks
 from apactl.metrics import console
+from apactl.rl.advantages import AdvantageSpec
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
 from apactl.rl.loop import LoopPlan, RLRun, run_rl
 from apactl.rl.rollout import Actors, RolloutPlan
@@ -21,10 +22,11 @@ from apactl.workflows.common import check_positions, data_summary
 
 
 def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
-    """Policy (trained), reference and judge (frozen), critic (trained), and their forwards."""
+    """Policy (trained), reference and judge (frozen), critic (trained; none for a critic-free
+    advantage estimator), and their forwards."""
     from apactl.accel import plan_forwards
     from apactl.judges import build_judge
-    from apactl.models import load_policy, load_reference, load_sequence_classifier
+    from apactl.models import load_policy, load_reference
     from apactl.sampling import eos_ids
 
     tr, p = recipe.train, rt.precision
@@ -44,14 +46,7 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     if offload is not None:
         offload.add(getattr(judge, "model", None))
     critic_k = _critic_freeze(recipe)
-    critic, critic_tok = load_sequence_classifier(
-        _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
-        freeze_bottom_layers=critic_k)
-    if not sharded:
-        p.store_frozen(critic)
-    if critic_tok.get_vocab() != tok.get_vocab():
-        raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
-                        "so it cannot value policy tokens; set critic.init=policy")
+    critic = _load_critic(recipe, judge, rt, tok, sharded) if recipe.has_critic else None
     eos = eos_ids(policy, tok)
     reuse = _trunk_reuse(recipe, sharded)
     if sharded:
@@ -61,6 +56,21 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
                              warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
     return Actors(policy, ref, critic, judge, tok, eos, rt.device, forwards,
                   sampler=_sampler(policy, rt), offload=offload)
+
+
+def _load_critic(recipe: AlignRecipe, judge, rt: Runtime, tok, sharded: bool):
+    from apactl.models import load_sequence_classifier
+
+    p = rt.precision
+    critic, critic_tok = load_sequence_classifier(
+        _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
+        freeze_bottom_layers=_critic_freeze(recipe))
+    if not sharded:
+        p.store_frozen(critic)
+    if critic_tok.get_vocab() != tok.get_vocab():
+        raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
+                        "so it cannot value policy tokens; set critic.init=policy")
+    return critic
 
 
 def _offload(recipe: AlignRecipe, rt: Runtime):
@@ -94,7 +104,8 @@ def _sharded_actors(rt: Runtime, policy, ref, critic, judge, tok, eos, offload) 
 
     sampler = _sampler(policy, rt)  # a local 16-bit copy (CUDA), made before sharding
     shard_model(policy, rt.precision)
-    shard_model(critic, rt.precision)
+    if critic is not None:
+        shard_model(critic, rt.precision)
     return Actors(policy, ref, critic, judge, tok, eos, rt.device,
                   PlainForwards(policy, ref, critic), sampler=sampler, sharded=True,
                   offload=offload)
@@ -153,9 +164,10 @@ def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optim
         return Schedule(lr, tr.weight_decay, tr.schedule, tr.warmup_steps, steps,
                         tr.max_grad_norm)
 
-    trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr), actors.sharded),
-                "critic": make_trainee("critic", actors.critic,
-                                       schedule(recipe.critic.lr or tr.lr), actors.sharded)}
+    trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr), actors.sharded)}
+    if actors.critic is not None:
+        trainees["critic"] = make_trainee("critic", actors.critic,
+                                          schedule(recipe.critic.lr or tr.lr), actors.sharded)
     return Optimization(trainees, rt.dist, rt.precision.grad_scaler())
 
 
@@ -193,10 +205,13 @@ def plans(recipe: AlignRecipe, rt: Runtime, pad_id: int
                           rt.precision.autocast)
     upd = UpdatePlan(recipe.algo, spec, tr.minibatch_size, tr.grad_accum, tr.epochs_per_rollout,
                      recipe.critic.clip, recipe.run.seed, pad_id, rt.precision.autocast)
+    algo = recipe.algo
+    advantage = AdvantageSpec(algo.advantage, recipe.gae.gamma, recipe.gae.lam,
+                              recipe.gae.whiten, recipe.reward.clip, gen.samples_per_prompt,
+                              getattr(algo, "scale", "none"), not algo.kl_in_loss)
     loop = LoopPlan(tr.iterations, tr.rollout_batch_size, tr.eval_every, tr.save_every,
-                    tr.keep_checkpoints, recipe.critic.warmup_iterations, recipe.gae.gamma,
-                    recipe.gae.lam, recipe.gae.whiten, recipe.reward.clip, gen.max_new_tokens,
-                    tr.eval_prompts)
+                    tr.keep_checkpoints, recipe.critic.warmup_iterations, advantage,
+                    gen.max_new_tokens, tr.eval_prompts)
     return rollout, upd, loop
 
 
