@@ -36,6 +36,7 @@ def test_critic_free_algorithm_learns_without_a_critic(tmp_path, name):
     assert "train/critic_lr" not in rows[-1] and "critic/grad_norm" not in rows[-1]
 
 
+@pytest.mark.slow  # two 30-iteration runs
 def test_rloo_kl_penalty_bounds_the_kl(tmp_path):
     """RLOO's KL in the reward (k1, beta 0.01 in the tiny recipe): once the reward saturates
     the KL is held far below the unpenalised run's (which drifts to the all-'a' policy)."""
@@ -48,6 +49,7 @@ def test_rloo_kl_penalty_bounds_the_kl(tmp_path):
     assert kl["0.01"] < 0.5 * kl["0.0"], kl
 
 
+@pytest.mark.slow  # two runs
 def test_grpo_kl_term_keeps_the_policy_closer(tmp_path):
     """GRPO's beta * k3 loss term: a larger beta, a smaller KL to the reference."""
     from apactl.workflows.align import run_align
