@@ -181,3 +181,37 @@ def test_rloo_with_lora_and_held_out_evaluation(tmp_path):
     assert rows[-1]["kl/ref_k1"] > 0.01
     assert [r["step"] for r in rows if "eval/score_mean" in r] == [2, 4]
     assert (tmp_path / "final/policy/model.safetensors").exists()
+
+
+@pytest.mark.slow  # two align subprocesses and an eval (~25 s of CPU)
+def test_sweep_over_algo_name_then_eval_the_sweep(tmp_path, monkeypatch):
+    """`apactl sweep --grid algo.name=grpo,rloo` (each run a subprocess) and `apactl eval` of
+    the sweep folder: every critic-free run is a policy against the shared initial policy."""
+    import json
+    import os
+    import sys
+    from pathlib import Path
+
+    from helpers import QUIET, ROOT, TINY, cli
+
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    root = tmp_path / "sweep"
+    small = ["train.iterations=2", "train.rollout_batch_size=8", "train.minibatch_size=8",
+             "train.epochs_per_rollout=1", "data.max_rows=8", "generation.max_new_tokens=4",
+             *QUIET]
+    res = cli("sweep", TINY / "grpo.yaml", "--grid", "algo.name=grpo,rloo",
+              f"run.output_dir={root}", *small)
+    assert res.exit_code == 0, res.output
+    for algo in ("grpo", "rloo"):
+        final = root / f"algo.name={algo}" / "final"
+        assert sorted(p.name for p in final.iterdir()) == ["policy"], algo
+    out = tmp_path / "eval"
+    res = cli("eval", TINY / "eval.yaml", f"run.output_dir={out}", "data.eval_rows=4",
+              f"policies=[{{name: sweep, path: {root}}}]", "baseline=null",
+              "judges=[{name: char-fraction, args: {chars: a}}]", *QUIET)
+    assert res.exit_code == 0, res.output
+    names = [p["name"] for p in json.loads((out / "report.json").read_text())["policies"]]
+    assert names[0] == "baseline" and len(names) == 3, names
