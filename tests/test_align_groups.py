@@ -215,3 +215,18 @@ def test_sweep_over_algo_name_then_eval_the_sweep(tmp_path, monkeypatch):
     assert res.exit_code == 0, res.output
     names = [p["name"] for p in json.loads((out / "report.json").read_text())["policies"]]
     assert names[0] == "baseline" and len(names) == 3, names
+
+
+def test_frozen_trunk_reuse_without_a_critic_matches_plain_forwards(tmp_path):
+    """train.reuse_frozen_trunk with no critic to share the trunk with: the same metrics as the
+    plain forwards."""
+    from apactl.workflows.align import run_align
+
+    common = ("train.iterations=3", "train.freeze_bottom_layers=1", "kl.beta=0.04")
+    for flag in ("true", "false"):
+        run_align(tiny_recipe("grpo", tmp_path / flag, *common,
+                              f"train.reuse_frozen_trunk={flag}"))
+    fast, plain = read_metrics(tmp_path / "true"), read_metrics(tmp_path / "false")
+    for key in ("reward/score_mean", "kl/ref_k1", "loss/policy", "policy/entropy"):
+        for a, b in zip(fast, plain, strict=True):
+            assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
