@@ -26,7 +26,7 @@ ALGOS = {"ppo": [], "grpo": ["generation.samples_per_prompt=4"],
          "rloo": ["generation.samples_per_prompt=4"]}
 
 
-def one(algo: str, iterations: int, warmup: int, threads: int) -> dict:
+def one(algo: str, iterations: int, warmup: int, threads: int, extra: list[str]) -> dict:
     """Run ``algo`` in this process; its per-phase seconds and peak RSS."""
     import benchlib as bl
     from align_throughput import untrained_reward_model
@@ -39,7 +39,7 @@ def one(algo: str, iterations: int, warmup: int, threads: int) -> dict:
     out = HERE / ".cache" / "runs" / f"critic-free-{algo}"
     raw = load_raw(str(HERE / "recipes" / "throughput.yaml"), [
         f"algo.name={algo}", f"train.iterations={iterations + warmup}", f"reward.path={rm}",
-        f"run.output_dir={out}", f"run.num_threads={threads}", *ALGOS[algo]])
+        f"run.output_dir={out}", f"run.num_threads={threads}", *ALGOS[algo], *extra])
     if algo != "ppo":
         raw.pop("critic")  # critic-free: a critic section is a recipe error
     run_align(parse_recipe(raw, "align"), overwrite=True)
@@ -56,24 +56,29 @@ def main() -> None:
     p.add_argument("--iterations", type=int, default=2, help="measured iterations")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for every algorithm (e.g. a shorter "
+                        "generation.max_new_tokens on a loaded machine)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one algorithm
     p.add_argument("--out", default=str(HERE / "results" / "critic_free_speed.json"))
     a = p.parse_args()
     if a.one:
-        print(json.dumps(one(a.one, a.iterations, a.warmup, a.threads)))
+        print(json.dumps(one(a.one, a.iterations, a.warmup, a.threads, a.set)))
         return
     results = {}
     for algo in ALGOS:
         res = subprocess.run([sys.executable, __file__, "--one", algo, "--iterations",
                               str(a.iterations), "--warmup", str(a.warmup), "--threads",
-                              str(a.threads)], capture_output=True, text=True, check=True)
+                              str(a.threads), *(f"--set={x}" for x in a.set)],
+                             capture_output=True, text=True, check=True)
         results[algo] = json.loads(res.stdout.strip().splitlines()[-1])
     ppo = results["ppo"]["seconds_per_iteration"]
     for r in results.values():
         r["speedup_vs_ppo"] = ppo / r["seconds_per_iteration"]
     Path(a.out).write_text(json.dumps({"settings": "benchmarks/recipes/throughput.yaml, 16 "
-                                       "episodes x 64 tokens, fp32 CPU", "threads": a.threads,
-                                       "results": results}, indent=2) + "\n")
+                                       "episodes x 64 tokens, fp32 CPU", "overrides": a.set,
+                                       "threads": a.threads, "results": results},
+                                      indent=2) + "\n")
     print(f"{'algo':6s} {'s/it':>7s} " + " ".join(f"{ph:>9s}" for ph in PHASES)
           + "  peak RSS MiB  x PPO")
     for algo, r in results.items():
