@@ -554,9 +554,10 @@ class AlignRecipe(RecipeBase):
                                  f"with advantage {self.algo.advantage} compares the answers to "
                                  f"one prompt; set generation.samples_per_prompt >= 2 (it is {k})")
             if "critic" in self.model_fields_set:
-                raise ValueError(f"critic: algo.name={self.algo.name} with advantage "
-                                 f"{self.algo.advantage} trains no critic; remove the critic "
-                                 "section")
+                keys = [f"critic.{k}" for k in sorted(self.critic.model_fields_set)] or ["critic"]
+                raise ValueError(f"{keys[0]}: algo.name={self.algo.name} with advantage "
+                                 f"{self.algo.advantage} trains no critic; remove "
+                                 f"{', '.join(keys)} from the recipe")
         return self
 
     @model_validator(mode="after")

@@ -124,9 +124,11 @@ def test_groups_stay_whole_in_every_chunk_and_rank_split(tmp_path):
     (["generation.samples_per_prompt=3"],
      "generation.samples_per_prompt: train.rollout_batch_size (16) is not divisible"),
     (["generation.samples_per_prompt=1"], "generation.samples_per_prompt: algo.name=grpo"),
-    (["critic.init=policy"], "critic: algo.name=grpo with advantage group trains no critic"),
-    (["algo.name=apa", "algo.advantage=leave_one_out", "critic.lr=1e-3"],
-     "critic: algo.name=apa with advantage leave_one_out trains no critic"),
+    (["critic.init=policy"],
+     "critic.init: algo.name=grpo with advantage group trains no critic; remove critic.init"),
+    (["algo.name=apa", "algo.advantage=leave_one_out", "critic.lr=1e-3", "critic.clip=0.2"],
+     "critic.clip: algo.name=apa with advantage leave_one_out trains no critic; remove "
+     "critic.clip, critic.lr from the recipe"),
 ])
 def test_group_recipe_errors_name_the_fields(tmp_path, overrides, message):
     from helpers import TINY, cli
