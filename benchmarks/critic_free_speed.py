@@ -59,6 +59,8 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a recipe override for every algorithm (e.g. a shorter "
                         "generation.max_new_tokens on a loaded machine)")
+    p.add_argument("--order", default="ppo,grpo,rloo",
+                   help="the order the algorithms run in (a loaded machine drifts: swap it)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one algorithm
     p.add_argument("--out", default=str(HERE / "results" / "critic_free_speed.json"))
     a = p.parse_args()
@@ -66,7 +68,7 @@ def main() -> None:
         print(json.dumps(one(a.one, a.iterations, a.warmup, a.threads, a.set)))
         return
     results = {}
-    for algo in ALGOS:
+    for algo in a.order.split(","):
         res = subprocess.run([sys.executable, __file__, "--one", algo, "--iterations",
                               str(a.iterations), "--warmup", str(a.warmup), "--threads",
                               str(a.threads), *(f"--set={x}" for x in a.set)],
@@ -77,6 +79,8 @@ def main() -> None:
         r["speedup_vs_ppo"] = ppo / r["seconds_per_iteration"]
     Path(a.out).write_text(json.dumps({"settings": "benchmarks/recipes/throughput.yaml, 16 "
                                        "episodes x 64 tokens, fp32 CPU", "overrides": a.set,
+                                       "order": a.order, "iterations": a.iterations,
+                                       "warmup": a.warmup,
                                        "threads": a.threads, "results": results},
                                       indent=2) + "\n")
     print(f"{'algo':6s} {'s/it':>7s} " + " ".join(f"{ph:>9s}" for ph in PHASES)
