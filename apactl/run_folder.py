@@ -191,8 +191,8 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
     if changed:
         a, b = _flatten(stored), _flatten(recipe)
         shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
-                          for k in changed[:8])
-        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+                          for k in changed[:12])
+        more = f" and {len(changed) - 12} more" if len(changed) > 12 else ""
         raise RunFolderError(f"--resume: the recipe differs from the run's ({last}): {shown}"
                              f"{more}; resume with the run's own recipe ({last.parent.parent}/"
                              "recipe.yaml) or start a new run.output_dir")
