@@ -207,10 +207,10 @@ def dpo(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
 
 @app.command()
 def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
-          algo: str = typer.Option(None, "--algo", help="apa, ppo or awr (shorthand for the "
-                                   "override algo.name=...)."),
+          algo: str = typer.Option(None, "--algo", help="apa, ppo, awr, grpo or rloo "
+                                   "(shorthand for the override algo.name=...)."),
           resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT) -> None:
-    """RL fine-tuning against a reward model or judge with APA, PPO or AWR.
+    """RL fine-tuning against a reward model or judge with APA, PPO, AWR, GRPO or RLOO.
 
     Example: apactl align recipes/align/smollm2-135m-apa.yaml --algo ppo train.iterations=20
     """

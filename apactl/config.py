@@ -394,6 +394,15 @@ class GenerationConfig(Section):
         return data
 
 
+class AlignGenerationConfig(GenerationConfig):
+    """align's sampling: ``generation`` plus the answers drawn per prompt."""
+
+    # k answers per prompt: a rollout is rollout_batch_size / k prompts x k answers, the k of a
+    # prompt sampled in one decode call (one chunk: generation.batch_size counts prompts) and
+    # kept together, so group baselines (advantage: group | leave_one_out) see whole groups.
+    samples_per_prompt: PositiveInt = 1
+
+
 class JudgeSpec(Section):
     """One judge of (prompt, response) pairs, the same schema wherever a judge is named.
 
@@ -475,8 +484,13 @@ class APAConfig(Section):
     lam: PositiveFloat = 0.1  # the paper's 1/lambda = 10
     anchor: Literal["init", "old"] = "init"
     vf_coef: NonNegFloat = 1.0
+    # gae: the paper's (a critic); group / leave_one_out: critic-free, the baseline of A is the
+    # other answers to the same prompt (generation.samples_per_prompt >= 2).
+    advantage: Literal["gae", "group", "leave_one_out"] = "gae"
+    scale: Literal["group", "batch", "none"] = "group"  # advantage: group only (as GRPO's)
     default_beta: ClassVar[float] = 0.0
     default_adaptive: ClassVar[bool] = False
+    kl_in_loss: ClassVar[bool] = False
 
 
 class PPOConfig(Section):
@@ -487,8 +501,10 @@ class PPOConfig(Section):
     # 0.5 for PPO: the critic has its own parameters and optimizer, so the coefficient only
     # rescales critic gradients (before clipping); 0.5 is the common CleanRL/OpenAI default.
     vf_coef: NonNegFloat = 0.5
+    advantage: ClassVar[str] = "gae"
     default_beta: ClassVar[float] = 0.05
     default_adaptive: ClassVar[bool] = True
+    kl_in_loss: ClassVar[bool] = False
 
 
 class AWRConfig(Section):
@@ -498,11 +514,49 @@ class AWRConfig(Section):
     lam: PositiveFloat = 1.0
     max_weight: PositiveFloat = 20.0
     vf_coef: NonNegFloat = 1.0
+    advantage: ClassVar[str] = "gae"
     default_beta: ClassVar[float] = 0.0
     default_adaptive: ClassVar[bool] = False
+    kl_in_loss: ClassVar[bool] = False
 
 
-AlgoConfig = Annotated[APAConfig | PPOConfig | AWRConfig, Field(discriminator="name")]
+# --- critic-free online algorithms (issue 21, section 1) ---
+class GRPOConfig(Section):
+    """GRPO (Shao et al. 2024): the clipped ratio loss per token with a group advantage
+    (r - mean_group) / (std + eps), and beta * k3(pi || ref) per token in the loss."""
+
+    name: Literal["grpo"] = "grpo"
+    clip_eps: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    # group: the group's std (the paper); batch: the rollout's std; none: unscaled (Dr. GRPO).
+    scale: Literal["group", "batch", "none"] = "group"
+    # token: the mean over the minibatch's tokens (DAPO, TRL's default); sequence: the mean of
+    # each answer's token mean (the paper).
+    loss_aggregation: Literal["token", "sequence"] = "token"
+    advantage: ClassVar[str] = "group"
+    default_beta: ClassVar[float] = 0.0  # TRL's default; the paper used 0.04
+    default_adaptive: ClassVar[bool] = False
+    kl_in_loss: ClassVar[bool] = True
+
+
+class RLOOConfig(Section):
+    """RLOO (Ahmadian et al. 2024): REINFORCE on whole answers with the leave-one-out baseline
+    A_i = r_i - mean_{j != i} r_j; the KL penalty is in the reward (r = score - beta * k1)."""
+
+    name: Literal["rloo"] = "rloo"
+    # The answer's ratio exp(sum_t logp - old) is clipped to [1-eps, 1+eps] (TRL's default);
+    # null: unclipped (plain REINFORCE on the first epoch, importance-weighted after).
+    clip_eps: Annotated[float, Field(gt=0, lt=1)] | None = 0.2
+    advantage: ClassVar[str] = "leave_one_out"
+    default_beta: ClassVar[float] = 0.05  # TRL's default
+    default_adaptive: ClassVar[bool] = False
+    kl_in_loss: ClassVar[bool] = False
+
+
+AlgoConfig = Annotated[APAConfig | PPOConfig | AWRConfig | GRPOConfig | RLOOConfig,
+                       Field(discriminator="name")]
+# Estimators that need k >= 2 answers per prompt and no critic.
+GROUP_ESTIMATORS = ("group", "leave_one_out")
+# --- end critic-free online algorithms ---
 
 
 class AlignTrainConfig(Section):
@@ -583,7 +637,7 @@ class AlignRecipe(RecipeBase):
     reward: RewardConfig
     critic: CriticConfig = Field(default_factory=CriticConfig)
     data: DataConfig
-    generation: GenerationConfig = Field(default_factory=GenerationConfig)
+    generation: AlignGenerationConfig = Field(default_factory=AlignGenerationConfig)
     kl: KLConfig = Field(default_factory=KLConfig)
     gae: GAEConfig = Field(default_factory=GAEConfig)
     algo: AlgoConfig = Field(default_factory=APAConfig)
@@ -593,8 +647,35 @@ class AlignRecipe(RecipeBase):
     # (metrics eval/<label>_mean beside the proxy's eval/score_mean).
     eval_judges: list[JudgeSpec] = Field(default_factory=list)
 
+    @property
+    def has_critic(self) -> bool:
+        """False for a critic-free advantage estimator (GRPO, RLOO, APA with a group baseline)."""
+        return self.algo.advantage not in GROUP_ESTIMATORS
+
+    @model_validator(mode="after")
+    def _groups(self) -> AlignRecipe:
+        k, n = self.generation.samples_per_prompt, self.train.rollout_batch_size
+        if n % k:
+            raise ValueError(f"generation.samples_per_prompt: train.rollout_batch_size ({n}) "
+                             f"is not divisible by samples_per_prompt ({k}); a rollout is "
+                             "rollout_batch_size / samples_per_prompt prompts x "
+                             "samples_per_prompt answers")
+        if not self.has_critic:
+            if k < 2:
+                raise ValueError(f"generation.samples_per_prompt: algo.name={self.algo.name} "
+                                 f"with advantage {self.algo.advantage} compares the answers to "
+                                 f"one prompt; set generation.samples_per_prompt >= 2 (it is {k})")
+            if "critic" in self.model_fields_set:
+                keys = [f"critic.{k}" for k in sorted(self.critic.model_fields_set)] or ["critic"]
+                raise ValueError(f"{keys[0]}: algo.name={self.algo.name} with advantage "
+                                 f"{self.algo.advantage} trains no critic; remove "
+                                 f"{', '.join(keys)} from the recipe")
+        return self
+
     @model_validator(mode="after")
     def _critic_source(self) -> AlignRecipe:
+        if not self.has_critic:
+            return self
         if self.critic.init == "reward" and self.reward.name != "reward-model":
             raise ValueError(
                 "critic.init: 'reward' needs a reward-model judge to copy; set critic.init=policy"

@@ -1,11 +1,12 @@
-"""The pure losses of apactl: APA, PPO and AWR policy losses, the critic's value loss and the
-reward model's pairwise (Bradley-Terry) loss; DPO.
+"""The pure losses of apactl: APA, PPO, AWR, GRPO and RLOO policy losses, the critic's value
+loss and the reward model's pairwise (Bradley-Terry) loss; DPO.
 
 Shapes: B = sequences in the minibatch, T = padded response length, V = vocabulary size.
 Every per-token input is [B, T]; `mask` is [B, T] with 1 on valid response tokens, 0 on padding.
 Each loss returns (loss, stats): `loss` is a scalar token-level masked mean, i.e. the sum over
 all valid tokens of the minibatch divided by their count (long responses weigh more than short
-ones); `stats` holds 0-dim tensors computed without gradient, read back to the host once
+ones), unless its docstring says otherwise (RLOO: a mean over answers; GRPO: either);
+`stats` holds 0-dim tensors computed without gradient, read back to the host once
 per optimizer step (the loop logs the loss value itself as ``loss/policy`` /
 ``loss/value``). Padding never contributes to a loss or to a gradient: differences are
 zeroed at padding *before* any nonlinearity, so even inf/nan padding values cannot turn into
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from apactl.masked import masked_mean, zero_padding
+from apactl.masked import masked_mean, masked_sum, zero_padding
 
 
 def _stats(mask: Tensor, **named: Tensor) -> dict[str, Tensor]:
@@ -106,6 +107,63 @@ def awr_loss(
         )
     )
     return loss, stats
+
+
+# --- critic-free online losses (issue 21, section 1) ---
+def grpo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, ref_logprobs: Tensor, advantages: Tensor,
+    mask: Tensor, clip_eps: float = 0.2, beta: float = 0.0, aggregation: str = "token",
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO (Shao et al. 2024, eq. 3), per token with the answer's advantage A on every token:
+
+        l_t = -min(rho_t A_t, clip(rho_t, 1-eps, 1+eps) A_t) + beta * k3_t
+        rho_t = exp(logp_t - old_t),  k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1
+
+    k3 (Schulman's unbiased, non-negative estimator of KL(pi || ref)) carries the gradient
+    through logp. ``aggregation``: "token" = masked mean over every token of the minibatch
+    (DAPO); "sequence" = each answer's token mean, then the mean over answers (the paper).
+    """
+    log_ratio = zero_padding(logprobs - old_logprobs.detach(), mask)
+    adv = zero_padding(advantages.detach(), mask)
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    ref_minus = zero_padding(ref_logprobs.detach() - logprobs, mask)
+    k3 = torch.expm1(ref_minus) - ref_minus
+    per_token = -torch.min(unclipped, clipped) + beta * k3
+    if aggregation == "token":
+        loss = masked_mean(per_token, mask)
+    else:
+        loss = (masked_sum(per_token, mask, dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    stats = _stats(mask, **{"policy/clip_frac": (clipped < unclipped).float(),
+                            "policy/kl_k3": k3, "policy/ratio_mean": ratio})
+    return loss, stats
+
+
+def rloo_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor,
+    clip_eps: float | None = 0.2,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """RLOO (Ahmadian et al. 2024): REINFORCE on whole answers, advantages [B] per answer.
+
+        L = -mean_b min(rho_b A_b, clip(rho_b, 1-eps, 1+eps) A_b),
+        rho_b = exp(sum_t logp_bt - old_bt)
+
+    At rho = 1 (the first step on a fresh rollout) the gradient is -mean_b A_b grad log pi(y_b),
+    REINFORCE's; later minibatches and epochs are importance-weighted and, with ``clip_eps``,
+    clipped as PPO clips (``clip_eps=None``: unclipped).
+    """
+    log_ratio = masked_sum(logprobs - old_logprobs.detach(), mask, dim=1)
+    adv = advantages.detach()
+    ratio = torch.exp(log_ratio)
+    unclipped = ratio * adv
+    clipped = unclipped if clip_eps is None else ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv
+    loss = -torch.min(unclipped, clipped).mean()
+    with torch.no_grad():
+        stats = {"policy/clip_frac": (clipped < unclipped).float().mean(),
+                 "policy/ratio_mean": ratio.mean()}
+    return loss, stats
+# --- end critic-free online losses ---
 
 
 def value_loss(
@@ -195,7 +253,7 @@ def _wide(x: Tensor) -> Tensor:
 
 def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
              ref_rejected: Tensor, beta: float = 0.1, kind: str = "sigmoid"
-             ) -> tuple[Tensor, dict[str, float]]:
+             ) -> tuple[Tensor, dict[str, Tensor]]:
     """Direct Preference Optimization on a batch of pairs; every input is [B]: the log-prob of
     a pair's chosen or rejected response (its response tokens' log-probs summed) under the
     policy or the frozen reference.
@@ -223,9 +281,10 @@ def dpo_loss(policy_chosen: Tensor, policy_rejected: Tensor, ref_chosen: Tensor,
         raise ValueError(f"unknown DPO loss {kind!r}; expected sigmoid or ipo")
     with torch.no_grad():
         rc, rr = beta * chosen_ratio, beta * rejected_ratio
-        stats = {"train/loss": loss.item(), "rewards/chosen": rc.mean().item(),
-                 "rewards/rejected": rr.mean().item(), "rewards/margins": (rc - rr).mean().item(),
-                 "rewards/accuracies": (rc > rr).float().mean().item(),
-                 "logps/chosen": _wide(policy_chosen).mean().item(),
-                 "logps/rejected": _wide(policy_rejected).mean().item()}
+        # 0-dim tensors: the training core reads them back once per optimizer step
+        stats = {"train/loss": loss.detach(), "rewards/chosen": rc.mean(),
+                 "rewards/rejected": rr.mean(), "rewards/margins": (rc - rr).mean(),
+                 "rewards/accuracies": (rc > rr).float().mean(),
+                 "logps/chosen": _wide(policy_chosen).mean(),
+                 "logps/rejected": _wide(policy_rejected).mean()}
     return loss, stats

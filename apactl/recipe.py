@@ -20,7 +20,7 @@ from apactl.errors import RecipeError
 from apactl.sources import BUILTIN, looks_local, resolve_source
 from apactl.trackers import missing_trackers
 
-ALGO_NAMES = ("apa", "ppo", "awr")
+ALGO_NAMES = ("apa", "ppo", "awr", "grpo", "rloo")
 # The recipes shipped with apactl: the repository's recipes/ in a source checkout, else the
 # copies inside the package (an installed wheel ships the quickstart's only).
 _REPO_RECIPES = Path(__file__).resolve().parents[1] / "recipes"

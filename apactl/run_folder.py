@@ -361,8 +361,8 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
     if changed:
         a, b = _flatten(stored), _flatten(recipe)
         shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
-                          for k in changed[:8])
-        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+                          for k in changed[:12])
+        more = f" and {len(changed) - 12} more" if len(changed) > 12 else ""
         start = ("policy.name_or_path={}/final/policy" if recipe.get("kind") == "align"
                  else "model.name_or_path={}/final").format(last.parent.parent)
         longer = ("; a run's length cannot change on resume (its LR schedule depends on it): "

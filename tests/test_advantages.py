@@ -8,7 +8,16 @@ import torch
 from helpers import t
 
 from apactl.masked import masked_mean, masked_sum, masked_var, masked_whiten
-from apactl.rl.advantages import gae, kl_estimates, kl_penalized_rewards
+from apactl.rl.advantages import (
+    AdvantageSpec,
+    add_advantages,
+    gae,
+    group_advantages,
+    kl_estimates,
+    kl_penalized_rewards,
+    leave_one_out_advantages,
+    per_token,
+)
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
 from apactl.rl.types import Rollout
 
@@ -186,3 +195,65 @@ def test_rollout_minibatches_cover_each_row_once():
     again = list(_rollout().minibatches(2, torch.Generator().manual_seed(0)))
     assert [c.scores.tolist() for c in again] == [c.scores.tolist() for c in chunks]
     assert _rollout().to("cpu").values is None
+
+
+# ----------------------------------------------------------------------------- group estimators
+# Two prompts x 4 answers: rewards [1, 2, 3, 6] (mean 3, unbiased std sqrt(14/3)) and [0]*4.
+GROUPS = t([1.0, 2.0, 3.0, 6.0, 0.0, 0.0, 0.0, 0.0])
+
+
+def near(a, b):  # float32 results (the rollout's dtype) against hand values
+    return torch.allclose(a.double(), t(b), atol=1e-5)
+
+
+def test_group_advantages_scaled_by_the_group_std():
+    std = math.sqrt(14 / 3)
+    expected = [-2 / (std + 1e-4), -1 / (std + 1e-4), 0.0, 3 / (std + 1e-4), 0, 0, 0, 0]
+    assert near(group_advantages(GROUPS, 4, "group"), expected)
+
+
+def test_group_advantages_scaled_by_the_batch_std_or_not_at_all():
+    # batch: the 8 rewards' mean 1.5, squared deviations sum to 32: std sqrt(32/7)
+    std = math.sqrt(32 / 7)
+    assert near(group_advantages(GROUPS, 4, "batch"),
+          [d / (std + 1e-4) for d in (-2, -1, 0, 3, 0, 0, 0, 0)])
+    assert near(group_advantages(GROUPS, 4, "none"), [-2, -1, 0, 3, 0, 0, 0, 0])  # Dr. GRPO
+
+
+def test_leave_one_out_advantages_by_hand():
+    # baselines (12 - r_i) / 3 = 11/3, 10/3, 3, 2
+    assert near(leave_one_out_advantages(GROUPS, 4), [-8 / 3, -4 / 3, 0, 4, 0, 0, 0, 0])
+    assert near(leave_one_out_advantages(t([1.0, 3.0]), 2), [-2, 2])
+
+
+def test_per_answer_advantage_on_every_valid_token():
+    mask = t([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    assert near(per_token(t([2.0, -1.0]), mask), [[2, 2, 0], [-1, 0, 0]])
+
+
+def _group_rollout(scores):
+    b = len(scores)
+    ro = _rollout(b)
+    ro.response_mask = t([[1.0, 1.0, 0.0]] * b, dtype=torch.float32)
+    ro.scores = torch.tensor(scores)
+    ro.old_logprobs = torch.full((b, 3), -1.0)
+    ro.ref_logprobs = torch.full((b, 3), -1.5)  # k1 = 0.5 per token, 1.0 per answer
+    return ro
+
+
+def test_add_advantages_rloo_subtracts_the_kl_in_the_reward():
+    ro = _group_rollout([1.0, 2.0, 3.0, 6.0])
+    m = add_advantages(ro, 0.1, AdvantageSpec("leave_one_out", group_size=4))
+    # every answer pays the same 0.1 * 1.0: the leave-one-out differences are unchanged
+    assert near(ro.advantages[:, 0], [-8 / 3, -4 / 3, 0, 4])
+    assert near(ro.rewards.sum(1), [0.9, 1.9, 2.9, 5.9])
+    assert ro.returns is None and "critic/explained_var" not in m
+    assert m["kl/ref_k1"] == pytest.approx(1.0)
+
+
+def test_add_advantages_grpo_keeps_the_kl_out_of_the_reward():
+    ro = _group_rollout([1.0, 1.0, 3.0, 3.0])
+    m = add_advantages(ro, 0.1, AdvantageSpec("group", group_size=2, kl_in_reward=False))
+    assert near(ro.rewards.sum(1), [1.0, 1.0, 3.0, 3.0])
+    assert near(ro.advantages, [[0.0] * 3] * 4)  # both groups tie: nothing to learn
+    assert m["adv/zero_std_group_frac"] == 1.0

@@ -168,7 +168,8 @@ ALIGN = {
     [
         (["algo.clip_eps=0.2"], "algo.clip_eps: unknown key for this algorithm"),
         (["algo.name=ppo", "algo.lam=0.5"], "algo.lam: unknown key for this algorithm"),
-        (["algo.name=trpo"], "algo.name: unknown algorithm; expected one of: apa, ppo, awr"),
+        (["algo.name=trpo"],
+         "algo.name: unknown algorithm; expected one of: apa, ppo, awr, grpo, rloo"),
         (["train.rollout_batch_size=10", "train.minibatch_size=4"],
          "rollout_batch_size (10) must be divisible by minibatch_size (4)"),
         (["train.minibatch_size=4", "train.grad_accum=3"],

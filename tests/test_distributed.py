@@ -241,6 +241,22 @@ def test_align_resumes_on_another_world_size(tmp_path, cache, align_runs, saved_
     assert_same_run(align_runs[resumed_by], out, ["final/policy", "final/critic"])
 
 
+@pytest.mark.slow  # two more align jobs (one of 2 processes)
+def test_align_grpo_two_ranks_match_one(tmp_path, cache):
+    """Critic-free, 2 prompts x 4 answers per iteration: rank r samples and scores whole groups
+    (chunks of 1 prompt = 4 answers), the gathered rollout gives every rank the same group
+    advantages, and 2 ranks train what 1 rank does."""
+    args = ["train.iterations=2", "train.save_every=0", "train.rollout_batch_size=8",
+            "train.minibatch_size=4", "train.epochs_per_rollout=1", "generation.batch_size=1",
+            "generation.max_new_tokens=8", "kl.beta=0.04", f"policy.cache_dir={cache}", *QUIET]
+    grpo = str(ROOT / "recipes/tiny/grpo.yaml")
+    run_ok(1, "align", grpo, f"run.output_dir={tmp_path / 'one'}", "train.grad_accum=2", *args)
+    run_ok(2, "align", grpo, f"run.output_dir={tmp_path / 'two'}", "train.grad_accum=1", *args)
+    gaps = assert_same_run(tmp_path / "one", tmp_path / "two", ["final/policy"])
+    assert "adv/zero_std_group_frac" in gaps and "policy/kl_k3" in gaps
+    assert not (tmp_path / "two/final/critic").exists()
+
+
 # ----------------------------------------------------------------------------------- fsdp
 def test_fsdp_sft_matches_ddp_and_resumes_unsharded(tmp_path, cache):
     """run.strategy=fsdp on 2 CPU ranks (FSDP2, gloo), and in 1 process, trains like 1 ddp

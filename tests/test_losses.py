@@ -12,8 +12,10 @@ from apactl.losses import (
     awr_loss,
     bradley_terry_loss,
     entropy_from_logits,
+    grpo_loss,
     logprobs_from_logits,
     ppo_loss,
+    rloo_loss,
     value_loss,
 )
 
@@ -202,6 +204,10 @@ LOSSES = {
     "apa": lambda d, p: apa_loss(p, d["anchor"], d["adv"], MASK),
     "ppo": lambda d, p: ppo_loss(p, d["anchor"], d["adv"] * 10, MASK),
     "awr": lambda d, p: awr_loss(p, d["adv"], MASK, lam=0.1, max_weight=1.5),
+    "grpo": lambda d, p: grpo_loss(p, d["anchor"], d["ret"], d["adv"] * 10, MASK, beta=0.5),
+    "grpo_seq": lambda d, p: grpo_loss(p, d["anchor"], d["ret"], d["adv"] * 10, MASK,
+                                       beta=0.5, aggregation="sequence"),
+    "rloo": lambda d, p: rloo_loss(p, d["anchor"], t([1.0, -2.0]), MASK),
     "value": lambda d, p: value_loss(p, d["anchor"], d["ret"], MASK),
     "value_clip": lambda d, p: value_loss(p, d["anchor"], d["ret"], MASK, clip=0.1),
 }
@@ -267,3 +273,75 @@ def test_bradley_terry_by_hand():
     # d/dc -log sigmoid(c - r - m) = -(1 - sigmoid(gap - m)) / 3
     sig = [1 / (1 + math.exp(-g)) for g in (1.5, -0.5, -1.5)]
     assert chosen.grad.tolist() == pytest.approx([-(1 - s) / 3 for s in sig])
+
+
+# ----------------------------------------------------------------------------- GRPO / RLOO
+# Two answers, T = 2; the second answer has one token (its padding holds inf).
+G_MASK = t([[1.0, 1.0], [1.0, 0.0]])
+G_LOGP = [[math.log(0.5), math.log(0.25)], [math.log(0.4), float("inf")]]
+G_OLD = t([[math.log(0.5), math.log(0.5)], [math.log(0.5), 0.0]])
+G_REF = t([[math.log(0.5), math.log(0.5)], [math.log(0.5), 0.0]])
+
+
+def test_grpo_token_and_sequence_aggregation_by_hand():
+    adv = t([[2.0, 2.0], [-1.0, -1.0]])  # the answer's advantage on each of its tokens
+    # ratios 1, 0.5 | 0.8; eps 0.2: -min(2, 2) = -2, -min(1, 1.6) = -1 | -min(-0.8, -0.8) = 0.8
+    # k3 = exp(ref - logp) - (ref - logp) - 1: 0, 1 - log 2 | 0.25 - log 1.25
+    k3 = [0.0, 1 - math.log(2), 0.25 - math.log(1.25)]
+    loss, stats = grpo_loss(leaf(G_LOGP), G_OLD, G_REF, adv, G_MASK, 0.2, beta=0.1)
+    assert loss.item() == pytest.approx((-2 - 1 + 0.8 + 0.1 * sum(k3)) / 3)
+    assert stats["policy/kl_k3"] == pytest.approx(sum(k3) / 3)
+    assert stats["policy/clip_frac"] == 0.0
+    loss, _ = grpo_loss(leaf(G_LOGP), G_OLD, G_REF, adv, G_MASK, 0.2, beta=0.1,
+                        aggregation="sequence")
+    row0, row1 = (-2 - 1 + 0.1 * k3[1]) / 2, 0.8 + 0.1 * k3[2]
+    assert loss.item() == pytest.approx((row0 + row1) / 2)
+
+
+def test_grpo_gradient_by_hand():
+    # Token mean over 3 tokens. d/dlogp of -rho*A = -rho*A where unclipped; 0 where the clip
+    # binds; d/dlogp of beta*k3 = beta * (1 - exp(ref - logp)).
+    logp = leaf(G_LOGP)
+    adv = t([[2.0, -2.0], [-1.0, -1.0]])
+    # token (0,1): rho 0.5, A -2: unclipped -1 > clipped -1.6 -> the clip binds, no ratio grad
+    loss, stats = grpo_loss(logp, G_OLD, G_REF, adv, G_MASK, 0.2, beta=0.1)
+    loss.backward()
+    expected = [[(-2.0 + 0.1 * (1 - 1)) / 3, (0.0 + 0.1 * (1 - 2)) / 3],
+                [(0.8 + 0.1 * (1 - 1.25)) / 3, 0.0]]
+    torch.testing.assert_close(logp.grad, t(expected))
+    assert stats["policy/clip_frac"] == pytest.approx(1 / 3)
+
+
+def test_rloo_sequence_ratio_clipping_by_hand():
+    # rho_0 = exp(log .5 + log .25 - 2 log .5) = 0.5, rho_1 = 0.8 (one token); A = [-2, -1]
+    adv = t([-2.0, -1.0])
+    loss, stats = rloo_loss(leaf(G_LOGP), G_OLD, adv, G_MASK, clip_eps=0.2)
+    # -min(-1, -1.6) = 1.6, -min(-0.8, -0.8) = 0.8
+    assert loss.item() == pytest.approx((1.6 + 0.8) / 2)
+    assert stats["policy/clip_frac"] == pytest.approx(0.5)
+    loss, _ = rloo_loss(leaf(G_LOGP), G_OLD, adv, G_MASK, clip_eps=None)
+    assert loss.item() == pytest.approx((1.0 + 0.8) / 2)
+
+
+def test_rloo_is_reinforce_on_policy():
+    # old = logp (a fresh rollout): grad = -A_b / B on every valid token of answer b
+    logp = leaf([[-1.0, -2.0], [-0.5, float("inf")]])
+    loss, _ = rloo_loss(logp, logp.detach(), t([3.0, -1.0]), G_MASK)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, t([[-1.5, -1.5], [0.5, 0.0]]))
+
+
+def test_apa_with_a_leave_one_out_advantage_by_hand():
+    # The critic-free APA: the paper's loss unchanged, A from the group. Rewards [1, 2, 3, 6]:
+    # A = r_i - mean of the others = [-8/3, -4/3, 0, 4], on each answer's tokens.
+    from apactl.rl.advantages import leave_one_out_advantages, per_token
+
+    mask = t([[1.0, 0.0], [1.0, 1.0], [1.0, 0.0], [1.0, 0.0]])
+    adv = per_token(leave_one_out_advantages(t([1.0, 2.0, 3.0, 6.0]), 4), mask).double()
+    anchor = t([[-1.0, 0.0], [-2.0, -1.0], [-0.5, 0.0], [-1.5, 0.0]])
+    # At logp = anchor the residual is -A / lam: ((16/3)^2 + 2 (8/3)^2 + 0 + 8^2) / 5 tokens
+    loss, _ = apa_loss(anchor.clone(), anchor, adv, mask, lam=0.5)
+    assert loss.item() == pytest.approx((256 / 9 + 128 / 9 + 64) / 5)
+    # ... and 0 at the paper's target logp = anchor + A / lam.
+    loss, _ = apa_loss(anchor + adv / 0.5, anchor, adv, mask, lam=0.5)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)

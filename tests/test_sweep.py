@@ -151,7 +151,7 @@ def test_bad_grid_value_fails_before_any_run(tmp_path):
     # One line per problem, naming the run and the field: 4 of the 8 points have apo, 4 have
     # train.lr=-1 (2 have both: one line for each problem).
     assert "error: run algo.name=apo,run.seed=0,train.lr=1e-3: algo.name: unknown algorithm; " \
-           "expected one of: apa, ppo, awr" in lines
+           "expected one of: apa, ppo, awr, grpo, rloo" in lines
     assert "error: run algo.name=apa,run.seed=1,train.lr=-1: train.lr: Input should be " \
            "greater than 0, got -1" in lines
     assert len(lines) == 4 + 4 and "Traceback" not in res.output
@@ -344,7 +344,7 @@ def test_plan_rejects_problems_with_recipe_error():
     with pytest.raises(RecipeError) as exc:
         sp.plan_sweep(TINY, ["algo.name=apa,apo"], [])
     assert exc.value.problems == ["run algo.name=apo: algo.name: unknown algorithm; expected one "
-                                  "of: apa, ppo, awr"]
+                                  "of: apa, ppo, awr, grpo, rloo"]
 
 
 # ------------------------------------------------------------- issue 20: stop and kill

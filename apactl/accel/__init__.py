@@ -31,8 +31,8 @@ def plan_forwards(policy, ref, critic, k: int, critic_k: int, reuse_trunk: bool,
             share_bottom(policy, ref, k)  # the reference keeps only its own top layers
         if reward_model is not None:
             share_bottom(policy, reward_model, k)
-        if critic_k == k:
+        if critic is not None and critic_k == k:
             share_bottom(policy, critic, k)
-    if critic_k > 0 and reward_model is not None:
+    if critic is not None and critic_k > 0 and reward_model is not None:
         share_bottom(reward_model, critic, critic_k)  # a LoRA policy shares nothing; these may
     return TrunkForwards(policy, ref, critic, k=k, warn=warn)

@@ -63,7 +63,7 @@ class TrunkForwards(PlainForwards):
         self.p = Role("policy", policy, make_split(policy, k))
         self.r = (Role("reference", policy, make_split(policy, k), adapter_off=True)
                   if ref is None else Role("reference", ref, make_split(ref, k)))
-        self.c = Role("critic", critic, make_split(critic, k))
+        self.c = None if critic is None else Role("critic", critic, make_split(critic, k))
         self.warn = warn
         self.pending_check = True
         # Worth keeping only when the trunk holds layers (k > 0) that the update then skips.
@@ -76,10 +76,11 @@ class TrunkForwards(PlainForwards):
         trunks: dict[tuple[int, ...], Tensor] = {}
         old, ent = self._logprobs(self.p, seq, resp, spec, trunks, entropy=True)
         ref, _ = self._logprobs(self.r, seq, resp, spec, trunks)
-        values = self._values(self.c, seq, trunks)
-        out = {"old_logprobs": old, "entropy": ent, "ref_logprobs": ref, "values": values}
+        out = {"old_logprobs": old, "entropy": ent, "ref_logprobs": ref}
+        if self.c is not None:
+            out["values"] = self._values(self.c, seq, trunks)
         for role in (self.p, self.c) if self.keep else ():
-            if role.split is not None and role.split.frozen:
+            if role is not None and role.split is not None and role.split.frozen:
                 out[f"keep/{role.name}"] = trunks[role.split.key]
         return out
 
@@ -113,7 +114,7 @@ class TrunkForwards(PlainForwards):
         """Compare each split with the plain forward once; keep the plain one where they differ."""
         self.pending_check = False
         for role in (self.p, self.r, self.c):
-            if role.split is None:
+            if role is None or role.split is None:
                 continue
             trunks: dict = {}
             if role is self.c:

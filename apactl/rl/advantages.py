@@ -1,11 +1,17 @@
-"""KL-shaped rewards, GAE and KL estimates for token-level RLHF.
+"""KL-shaped rewards, the advantage estimators and KL estimates for token-level RLHF.
 
 Conventions: B = batch of episodes, T = padded response length. `mask` is a [B, T] tensor with
 1 on valid (generated) tokens and 0 on padding; valid tokens form a prefix of each row (masked
-statistics: ``apactl.masked``).
+statistics: ``apactl.masked``). Group estimators take B = G x k rows, prompt-major: rows
+g*k .. g*k+k-1 are the k answers to prompt g (``rl.rollout`` keeps them so).
+
+Estimators: ``gae`` (a critic's values), ``group`` (GRPO) and ``leave_one_out`` (RLOO), the last
+two per answer and broadcast to its tokens.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -70,18 +76,79 @@ def kl_estimates(old_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> di
     return {"k1": masked_sum(log_ratio, mask, dim=1), "k3": masked_sum(k3, mask, dim=1)}
 
 
-def add_advantages(ro, beta: float, gamma: float, gae_lambda: float, whiten: bool,
-                   clip: float | None = None) -> dict[str, float]:
-    """KL-penalised rewards -> GAE -> (optionally whitened) advantages, set on Rollout ``ro``.
+# --- group estimators (issue 21, section 1) ---
+def group_advantages(rewards: Tensor, k: int, scale: str = "group", eps: float = 1e-4
+                     ) -> Tensor:
+    """GRPO's advantage per answer: rewards [B] (B = G x k, prompt-major) -> [B].
 
-    ``clip``: judge scores are clipped to [-clip, clip] first. Returns the iteration's reward,
-    KL, advantage and critic statistics.
+        A_i = (r_i - mean_group(r)) / (s + eps)
+    s = the group's standard deviation (``scale="group"``, Shao et al. 2024), the whole batch's
+    (``"batch"``), or no division at all (``"none"``: Dr. GRPO, Liu et al. 2025). Standard
+    deviations are the unbiased ones (k - 1), as TRL computes them.
+    """
+    grouped = rewards.view(-1, k)
+    adv = (grouped - grouped.mean(dim=1, keepdim=True)).reshape(-1)
+    if scale == "none":
+        return adv
+    std = grouped.std(dim=1).repeat_interleave(k) if scale == "group" else rewards.std()
+    return adv / (std + eps)
+
+
+def leave_one_out_advantages(rewards: Tensor, k: int) -> Tensor:
+    """RLOO's advantage per answer (Kool et al. 2019; Ahmadian et al. 2024): rewards [B]
+    (B = G x k, prompt-major) -> [B], A_i = r_i - mean_{j != i, same prompt} r_j."""
+    grouped = rewards.view(-1, k)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def per_token(values: Tensor, mask: Tensor) -> Tensor:
+    """A per-answer quantity [B] on every valid token of its row: [B, T], 0 on padding."""
+    return zero_padding(values.unsqueeze(1).expand(mask.shape), mask)
+
+
+@dataclass(frozen=True)
+class AdvantageSpec:
+    """How a rollout's advantages are estimated (from the recipe's ``algo``, ``gae`` and
+    ``generation.samples_per_prompt``)."""
+
+    estimator: str = "gae"  # gae | group | leave_one_out
+    gamma: float = 1.0  # gae only
+    lam: float = 0.95  # gae only
+    whiten: bool = True  # gae only
+    clip: float | None = None  # judge scores clipped to [-clip, clip] first
+    group_size: int = 1  # k answers per prompt
+    scale: str = "group"  # group only
+    kl_in_reward: bool = True  # False: the KL is a loss term (GRPO), the reward is the score
+
+
+def add_advantages(ro, beta: float, spec: AdvantageSpec) -> dict[str, float]:
+    """KL-penalised rewards -> advantages (``spec.estimator``), set on Rollout ``ro``.
+
+    gae: GAE over the per-token rewards, optionally whitened; ``ro.returns`` for the critic.
+    group / leave_one_out: the answer's reward r = sum_t rewards_t = score - beta * k1 (the score
+    alone when the KL is in the loss) -> a per-answer advantage on all its tokens; no returns.
+    Returns the iteration's reward, KL, advantage (and critic) statistics.
     """
     mask = ro.response_mask
-    scores = ro.scores.clamp(-clip, clip) if clip else ro.scores
-    ro.rewards = kl_penalized_rewards(scores, ro.old_logprobs, ro.ref_logprobs, mask, beta)
-    adv, ro.returns = gae(ro.rewards, ro.values, mask, gamma, gae_lambda)
-    ro.advantages = masked_whiten(adv, mask) if whiten else adv
+    scores = ro.scores.clamp(-spec.clip, spec.clip) if spec.clip else ro.scores
+    reward_beta = beta if spec.kl_in_reward else 0.0
+    ro.rewards = kl_penalized_rewards(scores, ro.old_logprobs, ro.ref_logprobs, mask,
+                                      reward_beta)
+    out = {}
+    if spec.estimator == "gae":
+        adv, ro.returns = gae(ro.rewards, ro.values, mask, spec.gamma, spec.lam)
+        ro.advantages = masked_whiten(adv, mask) if spec.whiten else adv
+        out["critic/explained_var"] = explained_variance(ro.values, ro.returns, mask)
+    else:
+        k, answer_reward = spec.group_size, ro.rewards.sum(dim=1)
+        per_answer = (group_advantages(answer_reward, k, spec.scale)
+                      if spec.estimator == "group" else
+                      leave_one_out_advantages(answer_reward, k))
+        adv = ro.advantages = per_token(per_answer, mask)
+        # Groups whose answers all scored alike teach nothing (A = 0 for each of them).
+        out["adv/zero_std_group_frac"] = (answer_reward.view(-1, k).std(dim=1) < 1e-8
+                                          ).float().mean().item()
     kl = kl_estimates(ro.old_logprobs, ro.ref_logprobs, mask)
     return {
         "reward/score_mean": ro.scores.mean().item(),
@@ -91,7 +158,7 @@ def add_advantages(ro, beta: float, gamma: float, gae_lambda: float, whiten: boo
         "kl/beta": beta,
         "adv/mean_raw": masked_mean(adv, mask).item(),
         "adv/std_raw": masked_mean((adv - masked_mean(adv, mask)) ** 2, mask).sqrt().item(),
-        "critic/explained_var": explained_variance(ro.values, ro.returns, mask),
+        **out,
     }
 
 

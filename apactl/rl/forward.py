@@ -115,8 +115,8 @@ class Forwards(Protocol):
         """Compare with the plain forwards once (timed apart, as the "verify" phase)."""
 
     def rollout(self, seq: SeqBatch, resp: Tensor, spec: SamplingSpec) -> dict[str, Tensor]:
-        """No grad: ``old_logprobs``, ``ref_logprobs``, ``entropy``, ``values`` [B, T], and
-        ``keep/<name>`` tensors for the update."""
+        """No grad: ``old_logprobs``, ``ref_logprobs``, ``entropy``, ``values`` (with a critic)
+        [B, T], and ``keep/<name>`` tensors for the update."""
 
     def remember(self, kept: dict[str, Tensor]) -> None:
         """The whole rollout's ``keep/`` tensors (rows = ``Rollout.episode``)."""
@@ -131,7 +131,7 @@ class Forwards(Protocol):
 
 class PlainForwards:
     """Whole-model forwards: the reference implementation. ``ref is None``: the LoRA policy
-    with its adapter disabled is the reference."""
+    with its adapter disabled is the reference; ``critic is None``: no values."""
 
     pending_check = False  # nothing to compare: this is the reference implementation
 
@@ -155,8 +155,10 @@ class PlainForwards:
         old, ent = policy_forward(self.policy, seq, resp, spec, with_entropy=True)
         with self.ref_context():
             ref, _ = policy_forward(self.reference(), seq, resp, spec)
-        values = critic_forward(self.critic, seq)
-        return {"old_logprobs": old, "entropy": ent, "ref_logprobs": ref, "values": values}
+        out = {"old_logprobs": old, "entropy": ent, "ref_logprobs": ref}
+        if self.critic is not None:
+            out["values"] = critic_forward(self.critic, seq)
+        return out
 
     def remember(self, kept: dict[str, Tensor]) -> None:
         del kept

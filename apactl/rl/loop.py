@@ -1,4 +1,4 @@
-"""The one RL loop shared by APA, PPO and AWR: rollout -> advantages -> update -> log -> save.
+"""The one RL loop shared by every algorithm: rollout -> advantages -> update -> log -> save.
 
 Everything except ``rl.algos.policy_loss`` is identical across algorithms, so comparisons
 between them measure the loss and nothing else. The loop's lifecycle, in order:
@@ -26,8 +26,8 @@ from torch import Tensor
 from apactl import checkpoint as ckpt
 from apactl.hooks import Hooks
 from apactl.metrics import MetricsLogger, Progress, Timer, console
-from apactl.rl.advantages import add_advantages, kl_estimates
-from apactl.rl.rollout import Actors, RolloutPlan, collect_rollout
+from apactl.rl.advantages import AdvantageSpec, add_advantages, kl_estimates
+from apactl.rl.rollout import Actors, RolloutPlan, collect_rollout, repeat_prompts
 from apactl.rl.update import UpdatePlan, update
 from apactl.sampling import Stream
 from apactl.training import Optimization, resume, save, save_final, stop_requested, stopped
@@ -40,17 +40,18 @@ class LoopPlan:
     """The iteration schedule and the reward shaping between rollout and update."""
 
     iterations: int
-    rollout_batch_size: int
+    rollout_batch_size: int  # episodes: rollout_batch_size / samples_per_prompt prompts
     eval_every: int
     save_every: int | None  # None: only at the end
     keep_checkpoints: int
     critic_warmup: int  # iterations that train only the critic
-    gamma: float
-    gae_lambda: float
-    whiten: bool
-    reward_clip: float | None
+    advantage: AdvantageSpec
     max_new_tokens: int
     eval_prompts: int = 64
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.advantage.group_size
 
 
 @dataclass
@@ -166,7 +167,8 @@ def run_rl(run: RLRun) -> dict[str, float]:
                            resume_step=start if run.resume_from is not None else None,
                            recipe=run.recipe)
     progress = Progress(plan.iterations, run.name, run.progress and dist.is_main, start=start)
-    sampler = PromptSampler(len(run.prompts), plan.rollout_batch_size, run.update.seed)
+    sampler = PromptSampler(len(run.prompts), plan.rollout_batch_size // plan.samples_per_prompt,
+                            run.update.seed)
     warn = Warnings(lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
     last: dict[str, float] = {}
     failed = True
@@ -204,11 +206,11 @@ def _start(run: RLRun) -> tuple[int, ScoreStats]:
         if run.actors.sharded:  # checkpoints hold unsharded folders: every rank reads them
             from apactl.fsdp import load_full_weights
 
-            load_full_weights(run.actors.policy, folder / "policy")
-            load_full_weights(run.actors.critic, folder / "critic")
+            for name, model in _trained(run.actors).items():
+                load_full_weights(model, folder / name)
             return
-        ckpt.load_weights(run.actors.policy, folder / "policy")
-        ckpt.load_weights(run.actors.critic, folder / "critic")
+        for name, model in _trained(run.actors).items():
+            ckpt.load_weights(model, folder / name)
 
     start, state = resume(run.resume_from, load, run.opt)
     if state:
@@ -224,16 +226,15 @@ def iteration(run: RLRun, sampler: PromptSampler, it: int, stats: ScoreStats
     """One iteration: rollout -> advantages -> update; returns its metrics."""
     dist, plan, timer = run.opt.dist, run.plan, Timer(run.hooks.wrap, run.actors.device)
     batch = [run.prompts[i] for i in sampler.indices(it)]  # the global batch, on every rank
-    beta = run.kl.value
+    beta, k = run.kl.value, plan.samples_per_prompt
     run.hooks.call("on_rollout_start", it)
     ro, texts, ro_stats = collect_rollout(run.actors, batch, run.rollout, timer, Stream.ROLLOUT,
-                                          (it,), dist)
-    run.hooks.call("on_rollout", it, ro, texts, batch)
+                                          (it,), dist, samples=k)
+    run.hooks.call("on_rollout", it, ro, texts, repeat_prompts(batch, k))
     stats.update(ro.scores.cpu())
-    adv_stats = add_advantages(ro, beta, plan.gamma, plan.gae_lambda, plan.whiten,
-                               plan.reward_clip)
+    adv_stats = add_advantages(ro, beta, plan.advantage)
     with timer("update"):
-        upd = update(run.actors, run.opt, ro, run.update, it, it >= plan.critic_warmup)
+        upd = update(run.actors, run.opt, ro, run.update, it, it >= plan.critic_warmup, beta)
         run.actors.sync_sampler()
     run.kl.update(adv_stats["kl/ref_k1"], ro.batch_size)
     # A rank may own no generation chunk: every rank must pass the same keys to mean_dict.
@@ -253,7 +254,8 @@ def _metrics(ro_stats, adv_stats, upd_stats, times, n_episodes, n_tokens,
     total = sum(times.values())
     m = {**ro_stats, **adv_stats, **upd_stats}
     m["train/lr"] = opt.trainees["policy"].lr
-    m["train/critic_lr"] = opt.trainees["critic"].lr
+    if "critic" in opt.trainees:
+        m["train/critic_lr"] = opt.trainees["critic"].lr
     m.update({f"time/{k}": v for k, v in times.items()})
     m["time/iteration"] = total
     m["perf/episodes_per_s"] = n_episodes / total if total else 0.0
@@ -285,6 +287,12 @@ def evaluate_held_out(run: RLRun, it: int) -> dict[str, float]:
     return out
 
 
+def _trained(actors: Actors) -> dict[str, torch.nn.Module]:
+    """The models a checkpoint holds: the policy, and the critic when there is one."""
+    return {"policy": actors.policy,
+            **({"critic": actors.critic} if actors.critic is not None else {})}
+
+
 def _full_weights(run: RLRun) -> dict[str, dict]:
     """{"policy": ..., "critic": ...} unsharded on rank 0 under fsdp (a collective: every rank
     calls it), else {} (the models' own weights are written)."""
@@ -292,7 +300,7 @@ def _full_weights(run: RLRun) -> dict[str, dict]:
         return {}
     from apactl.fsdp import full_state
 
-    return {"policy": full_state(run.actors.policy)[0], "critic": full_state(run.actors.critic)[0]}
+    return {name: full_state(model)[0] for name, model in _trained(run.actors).items()}
 
 
 def _write_models(run: RLRun, folder: Path, final: bool, weights: dict[str, dict],
@@ -301,10 +309,8 @@ def _write_models(run: RLRun, folder: Path, final: bool, weights: dict[str, dict
 
     tok = run.actors.tokenizer
     # Checkpoints keep a LoRA adapter as is (exact resume); final/ gets merged models.
-    write_model(run.actors.policy, tok, folder / "policy", merge_lora=final,
-                state_dict=weights.get("policy"))
-    write_model(run.actors.critic, tok, folder / "critic", merge_lora=final,
-                state_dict=weights.get("critic"))
+    for name, model in _trained(run.actors).items():
+        write_model(model, tok, folder / name, merge_lora=final, state_dict=weights.get(name))
     if final and logger is not None:
         _write_cards(run, folder, logger)
 

@@ -5,6 +5,11 @@ A global batch of prompts is cut into chunks; chunk j is sampled with a seed der
 chunks (``sampling.seeded_chunks``). So the rollout does not depend on the world size (for a
 fixed chunk size), resume is exact, and everything after it (advantages, whitening, KL control,
 metrics) sees the global batch on every rank with no further communication.
+
+With k answers per prompt (``samples``) a chunk is a run of prompts, each repeated k times in
+one decode call (independent samples: one seeded stream, k rows), so the k answers of a prompt
+are always in one chunk, on one rank, in consecutive rows: rows g*k .. g*k+k-1 of the Rollout
+answer prompt g, which is what the group estimators of ``rl.advantages`` read.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ from apactl.sampling import (
 
 @dataclass
 class Actors:
-    """Every model the loop touches. ``ref is None`` means: the policy with LoRA disabled.
+    """Every model the loop touches. ``ref is None`` means: the policy with LoRA disabled;
+    ``critic is None``: a critic-free algorithm (no values computed, none trained or saved).
 
     ``sampler`` decodes; it is the policy itself, or an inference copy of it (16-bit weights
     under mixed precision) that ``sync_sampler`` refreshes after each update.
@@ -44,7 +50,7 @@ class Actors:
 
     policy: torch.nn.Module
     ref: torch.nn.Module | None
-    critic: torch.nn.Module
+    critic: torch.nn.Module | None
     judge: Any  # apactl.judges.Judge
     tokenizer: Any
     eos: list[int]
@@ -106,6 +112,11 @@ def scoring_rows(width: int, vocab: int, tokens: int, nbytes: int) -> int:
     return max(1, min(tokens // width, nbytes // (2 * width * vocab * 4)))
 
 
+def repeat_prompts(prompts: list[dict], k: int) -> list[dict]:
+    """Each prompt k times in a row: the rows of a rollout with k answers per prompt."""
+    return [p for p in prompts for _ in range(k)]
+
+
 def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
                  mask: Tensor) -> tuple[list[str], Tensor]:
     """Decode responses and score the text: the judge tokenises it with its own tokenizer."""
@@ -117,10 +128,11 @@ def judge_scores(actors: Actors, prompts: list[dict], response_ids: Tensor,
 
 @torch.no_grad()
 def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, timer: Timer,
-                    stream: Stream, key: tuple[int, ...], dist: Dist | None = None
-                    ) -> tuple[Rollout, list[str], dict[str, float]]:
-    """Generate and score one global batch of prompts; every rank returns the whole Rollout
-    (``episode`` = row index) and the forwards remember what they kept for the update."""
+                    stream: Stream, key: tuple[int, ...], dist: Dist | None = None,
+                    samples: int = 1) -> tuple[Rollout, list[str], dict[str, float]]:
+    """Generate and score one global batch of prompts, ``samples`` answers each (rows
+    prompt-major); every rank returns the whole Rollout (``episode`` = row index) and the
+    forwards remember what they kept for the update."""
     dist = dist or Dist()
     size = plan.chunk_size or max(-(-len(prompts) // dist.world_size), 1)
     # Sharded (fsdp): the decode copy is replicated, so each rank samples its own chunks with
@@ -128,7 +140,8 @@ def collect_rollout(actors: Actors, prompts: list[dict], plan: RolloutPlan, time
     lockstep = dist if actors.sharded and dist.enabled else None
     idle = (lambda: _fillers(actors, plan, timer, lockstep.max_int(0))) if lockstep else None
     chunks = seeded_chunks(len(prompts), size,
-                           lambda rows: _chunk(actors, prompts[rows], plan, timer, lockstep),
+                           lambda rows: _chunk(actors, repeat_prompts(prompts[rows], samples),
+                                               plan, timer, lockstep),
                            plan.seed, stream, key, dist, idle)
     # The decode's CUDA graphs and static KV caches are not needed until the next rollout:
     # freed here, so the update (and scoring of other rollouts) has that memory.
@@ -226,6 +239,6 @@ def _merge(chunks: list[dict], pad_id: int, device
     ro = Rollout(cat("query_ids", p, pad_id, left=True), cat("query_mask", p, left=True),
                  cat("response_ids", t, pad_id), cat("response_mask", t),
                  old_logprobs=cat("old_logprobs", t), ref_logprobs=cat("ref_logprobs", t),
-                 values=cat("values", t), scores=scores,
+                 values=cat("values", t) if "values" in chunks[0] else None, scores=scores,
                  episode=torch.arange(scores.shape[0], device=device))
     return ro, cat("entropy", t), rows("ended"), kept

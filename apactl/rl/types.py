@@ -1,4 +1,4 @@
-"""Batch containers shared by the RL algorithms (APA, PPO, AWR)."""
+"""Batch containers shared by the RL algorithms (APA, PPO, AWR, GRPO, RLOO)."""
 
 from __future__ import annotations
 
@@ -29,11 +29,15 @@ class Rollout:
                       ``SamplingSpec`` that sampled it (temperature-scaled logits; align
                       refuses top-k/top-p, so this is the distribution actually sampled).
         ref_logprobs: [B, T] log-prob of each sampled token under the frozen reference model.
-        values:       [B, T] critic estimate V(s_t) at each response position.
+        values:       [B, T] critic estimate V(s_t) at each response position (None without a
+                      critic).
         scores:       [B] reward-model score of the full (prompt, response).
         rewards:      [B, T] KL-penalised per-token rewards (score added at the last valid token).
-        advantages:   [B, T] GAE advantages, after optional whitening.
-        returns:      [B, T] value targets = A_t (before whitening) + V(s_t).
+        advantages:   [B, T] GAE advantages, after optional whitening; or (group estimators)
+                      one advantage per answer on each of its tokens.
+        returns:      [B, T] value targets = A_t (before whitening) + V(s_t) (GAE only).
+
+    With k answers per prompt, rows g*k .. g*k+k-1 answer prompt g (``rl.rollout``).
 
     Bookkeeping:
         episode:      LongTensor [B]. Row index of each episode in its rollout (minibatches keep

@@ -1,4 +1,5 @@
-"""The RL update: epochs of shuffled minibatches, each one optimizer step of policy and critic.
+"""The RL update: epochs of shuffled minibatches, each one optimizer step of policy and critic
+(the policy alone for a critic-free algorithm: ``actors.critic is None``).
 
 Every rank draws the same permutation of the global rollout; each minibatch is cut into
 grad_accum x world_size micro-batches (``training.micro_batches``) and stepped by the shared
@@ -24,7 +25,7 @@ from apactl.training import Optimization, micro_batches
 class UpdatePlan:
     """What one update needs from the recipe: the loss, the batch arithmetic, the precision."""
 
-    algo: object  # APAConfig | PPOConfig | AWRConfig
+    algo: object  # an AlgoConfig of apactl.config
     spec: SamplingSpec
     minibatch_size: int
     grad_accum: int
@@ -36,23 +37,25 @@ class UpdatePlan:
 
 
 def update(actors: Actors, opt: Optimization, ro: Rollout, plan: UpdatePlan, iteration: int,
-           train_policy: bool) -> dict[str, float]:
-    """``plan.epochs`` passes over ``ro`` in shuffled minibatches; mean stats over steps."""
+           train_policy: bool, beta: float = 0.0) -> dict[str, float]:
+    """``plan.epochs`` passes over ``ro`` in shuffled minibatches; mean stats over steps.
+    ``beta``: the KL coefficient, for a loss that holds the KL (GRPO)."""
     gen = torch.Generator().manual_seed(plan.seed * 100_003 + iteration)
     actors.policy.train()
-    actors.critic.train()
+    if actors.critic is not None:
+        actors.critic.train()
     sums: dict[str, float] = {}
     n_steps = 0
     for _ in range(plan.epochs):
         for mb in ro.minibatches(plan.minibatch_size, gen):
-            for k, v in _step(actors, opt, mb, plan, train_policy).items():
+            for k, v in _step(actors, opt, mb, plan, train_policy, beta).items():
                 sums[k] = sums.get(k, 0.0) + v
             n_steps += 1
     return opt.dist.mean_dict({k: v / max(n_steps, 1) for k, v in sums.items()})
 
 
 def _step(actors: Actors, opt: Optimization, mb: Rollout, plan: UpdatePlan,
-          train_policy: bool) -> dict[str, float]:
+          train_policy: bool, beta: float) -> dict[str, float]:
     """One optimizer step over a minibatch; its statistics are summed on the device and read
     back by ``opt.step`` in its one host sync."""
     stats: dict[str, torch.Tensor] = {}
@@ -69,13 +72,16 @@ def _step(actors: Actors, opt: Optimization, mb: Rollout, plan: UpdatePlan,
             loss = torch.zeros((), device=actors.device)
             if train_policy:
                 logp = actors.forwards.policy_logprobs(seq, m.response_ids, plan.spec, m.episode)
-                p_loss, p_stats = policy_loss(plan.algo, logp, m)
+                p_loss, p_stats = policy_loss(plan.algo, logp, m, beta)
                 loss = loss + p_loss
                 add({**p_stats, "loss/policy": p_loss})
-            v_new = actors.forwards.values(seq, m.episode)
-            v_loss, v_stats = value_loss(v_new, m.values, m.returns, m.response_mask,
-                                         plan.value_clip)
-            loss = loss + plan.algo.vf_coef * v_loss
-        add({**v_stats, "loss/value": v_loss, "loss/total": loss})
+            if actors.critic is not None:
+                v_new = actors.forwards.values(seq, m.episode)
+                v_loss, v_stats = value_loss(v_new, m.values, m.returns, m.response_mask,
+                                             plan.value_clip)
+                loss = loss + plan.algo.vf_coef * v_loss
+                add({**v_stats, "loss/value": v_loss})
+        add({"loss/total": loss})
         opt.backward(loss, plan.grad_accum)
-    return opt.step(["policy", "critic"] if train_policy else ["critic"], stats)
+    trained = ["policy"] if train_policy else []
+    return opt.step(trained + (["critic"] if actors.critic is not None else []), stats)

@@ -1,5 +1,5 @@
-"""``apactl align --algo apa|ppo|awr``: build the pieces from the recipe, then run the RL loop
-(``apactl.rl.loop``)."""
+"""``apactl align --algo apa|ppo|awr|grpo|rloo``: build the pieces from the recipe, then run the
+RL loop (``apactl.rl.loop``)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from apactl.errors import ModelError, UserError
 from apactl.hooks import Hooks
 from apactl.metrics import console
 from apactl.precision import fp32_heads
+from apactl.rl.advantages import AdvantageSpec
 from apactl.rl.kl_control import AdaptiveKLController, FixedKLController
 from apactl.rl.loop import LoopPlan, RLRun, run_rl
 from apactl.rl.rollout import Actors, RolloutPlan
@@ -22,10 +23,11 @@ from apactl.workflows.common import check_positions, data_summary
 
 
 def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
-    """Policy (trained), reference and judge (frozen), critic (trained), and their forwards."""
+    """Policy (trained), reference and judge (frozen), critic (trained; none for a critic-free
+    advantage estimator), and their forwards."""
     from apactl.accel import plan_forwards
     from apactl.judges import build_judge
-    from apactl.models import load_policy, load_reference, load_sequence_classifier
+    from apactl.models import load_policy, load_reference
     from apactl.sampling import eos_ids
 
     tr, p = recipe.train, rt.precision
@@ -50,18 +52,7 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
     if offload is not None:
         offload.add(getattr(judge, "model", None))
     critic_k = _critic_freeze(recipe)
-    try:  # a critic from the reward model or a saved critic keeps its trained head
-        critic, critic_tok = load_sequence_classifier(
-            _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
-            freeze_bottom_layers=critic_k, trained_head=recipe.critic.init != "policy")
-    except ModelError as exc:
-        raise ModelError(f"critic.init: {exc}") from None
-    fp32_heads(critic)
-    if not sharded:
-        p.store_frozen(critic)
-    if critic_tok.get_vocab() != tok.get_vocab():
-        raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
-                        "so it cannot value policy tokens; set critic.init=policy")
+    critic = _load_critic(recipe, judge, rt, tok, sharded) if recipe.has_critic else None
     eos = eos_ids(policy, tok)
     reuse = _trunk_reuse(recipe, sharded)
     if sharded:
@@ -71,6 +62,26 @@ def build_actors(recipe: AlignRecipe, rt: Runtime) -> Actors:
                              warn=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
     return Actors(policy, ref, critic, judge, tok, eos, rt.device, forwards,
                   sampler=_sampler(policy, rt), offload=offload)
+
+
+def _load_critic(recipe: AlignRecipe, judge, rt: Runtime, tok, sharded: bool):
+    from apactl.models import load_sequence_classifier
+
+    p = rt.precision
+    try:  # a critic from the reward model or a saved critic keeps its trained head
+        critic, critic_tok = load_sequence_classifier(
+            _critic_source(recipe, judge), rt.device, p.master_dtype, trainable=True,
+            freeze_bottom_layers=_critic_freeze(recipe),
+            trained_head=recipe.critic.init != "policy")
+    except ModelError as exc:
+        raise ModelError(f"critic.init: {exc}") from None
+    fp32_heads(critic)
+    if not sharded:
+        p.store_frozen(critic)
+    if critic_tok.get_vocab() != tok.get_vocab():
+        raise UserError("critic.init: the reward model's tokenizer differs from the policy's, "
+                        "so it cannot value policy tokens; set critic.init=policy")
+    return critic
 
 
 def _offload(recipe: AlignRecipe, rt: Runtime):
@@ -108,7 +119,8 @@ def _sharded_actors(rt: Runtime, policy, ref, critic, judge, tok, eos, offload) 
     if sampler is policy:
         sampler = copy.deepcopy(policy).requires_grad_(False).eval()
     shard_model(policy, rt.precision)
-    shard_model(critic, rt.precision)
+    if critic is not None:
+        shard_model(critic, rt.precision)
     return Actors(policy, ref, critic, judge, tok, eos, rt.device,
                   PlainForwards(policy, ref, critic), sampler=sampler, sharded=True,
                   offload=offload)
@@ -169,9 +181,10 @@ def make_optimization(actors: Actors, recipe: AlignRecipe, rt: Runtime) -> Optim
         return Schedule(lr, tr.weight_decay, tr.schedule, tr.warmup_steps, steps,
                         tr.max_grad_norm)
 
-    trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr), actors.sharded),
-                "critic": make_trainee("critic", actors.critic,
-                                       schedule(recipe.critic.lr or tr.lr), actors.sharded)}
+    trainees = {"policy": make_trainee("policy", actors.policy, schedule(tr.lr), actors.sharded)}
+    if actors.critic is not None:
+        trainees["critic"] = make_trainee("critic", actors.critic,
+                                          schedule(recipe.critic.lr or tr.lr), actors.sharded)
     return Optimization(trainees, rt.dist, rt.precision.grad_scaler(actors.sharded))
 
 
@@ -209,10 +222,13 @@ def plans(recipe: AlignRecipe, rt: Runtime, pad_id: int
                           rt.precision.autocast)
     upd = UpdatePlan(recipe.algo, spec, tr.minibatch_size, tr.grad_accum, tr.epochs_per_rollout,
                      recipe.critic.clip, recipe.run.seed, pad_id, rt.precision.autocast)
+    algo = recipe.algo
+    advantage = AdvantageSpec(algo.advantage, recipe.gae.gamma, recipe.gae.lam,
+                              recipe.gae.whiten, recipe.reward.clip, gen.samples_per_prompt,
+                              getattr(algo, "scale", "none"), not algo.kl_in_loss)
     loop = LoopPlan(tr.iterations, tr.rollout_batch_size, tr.eval_every, tr.save_every,
-                    tr.keep_checkpoints, recipe.critic.warmup_iterations, recipe.gae.gamma,
-                    recipe.gae.lam, recipe.gae.whiten, recipe.reward.clip, gen.max_new_tokens,
-                    tr.eval_prompts)
+                    tr.keep_checkpoints, recipe.critic.warmup_iterations, advantage,
+                    gen.max_new_tokens, tr.eval_prompts)
     return rollout, upd, loop
 
 

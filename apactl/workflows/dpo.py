@@ -142,8 +142,8 @@ def dpo_eval(model, ref, items: list[dict], collate, batch_size: int, cfg: DPOCo
         with reference_logits_context(model, ref) as m:
             rc, rr = pair_logps(m, items, collate, batch_size, dist)
     _, stats = dpo_loss(pc, pr, rc, rr, cfg.beta, cfg.loss)
-    out = {"eval/loss": stats.pop("train/loss"), "eval/pairs": float(len(items))}
-    out.update({f"eval_{k}": v for k, v in stats.items()})
+    out = {"eval/loss": float(stats.pop("train/loss")), "eval/pairs": float(len(items))}
+    out.update({f"eval_{k}": float(v) for k, v in stats.items()})
     return out
 
 
