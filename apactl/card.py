@@ -175,7 +175,7 @@ def card_text(facts: CardFacts) -> str:
     run_name = (r.get("run") or {}).get("name", "run")
     command = f"apactl {kind} {RECIPE}"
     lines = [f"# {run_name}: {algo.upper()} {role}", "",
-             f"This is {what}, trained by apactl (RLHF toolkit: APA, PPO, AWR) with "
+             f"This is {what}, trained by apactl (RLHF toolkit: APA, PPO, AWR, GRPO, RLOO, DPO) with "
              f"`{command}`. The resolved recipe that reproduces the run is "
              f"[{RECIPE}]({RECIPE}), beside this card.", "", "## How it was made", ""]
     facts_lines = [f"- **Command**: `{command}` ({kind})"]
