@@ -175,8 +175,8 @@ def card_text(facts: CardFacts) -> str:
     run_name = (r.get("run") or {}).get("name", "run")
     command = f"apactl {kind} {RECIPE}"
     lines = [f"# {run_name}: {algo.upper()} {role}", "",
-             f"This is {what}, trained by apactl (RLHF toolkit: APA, PPO, AWR, GRPO, RLOO, DPO) with "
-             f"`{command}`. The resolved recipe that reproduces the run is "
+             f"This is {what}, trained by apactl (RLHF toolkit: APA, PPO, AWR, GRPO, RLOO, "
+             f"DPO) with `{command}`. The resolved recipe that reproduces the run is "
              f"[{RECIPE}]({RECIPE}), beside this card.", "", "## How it was made", ""]
     facts_lines = [f"- **Command**: `{command}` ({kind})"]
     algo_section = r.get("algo")
