@@ -341,15 +341,45 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): d}
 
 
-def recipe_changes(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted keys whose values differ and that change what the run computes."""
+def recipe_changes(stored: dict[str, Any], current: dict[str, Any],
+                   defaults: dict[str, Any] | None = None) -> list[str]:
+    """Dotted keys whose values differ and that change what the run computes.
+
+    ``defaults``: the current schema's default of each dotted key. A key the stored recipe
+    lacks (a checkpoint of an earlier apactl, before the key existed) is unchanged when the
+    current value is that default: the earlier version computed exactly that.
+    """
     a, b = _flatten(stored), _flatten(current)
-    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>"))
+    defaults = defaults or {}
+    keys = sorted(k for k in set(a) | set(b) if a.get(k, "<unset>") != b.get(k, "<unset>")
+                  and not (k not in a and k in defaults and b.get(k) == defaults[k]))
     return [k for k in keys if not k.startswith(OPERATIONAL)]
 
 
-def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
-    """Refuse to resume checkpoint ``last`` with a recipe that changes what the run computes."""
+def field_defaults(model: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: default} of every field with a default in a pydantic ``model`` instance
+    and its nested sections (JSON values, as ``model_dump(mode="json")`` writes them)."""
+    from pydantic import BaseModel, TypeAdapter
+
+    out: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name, None)
+        if isinstance(value, BaseModel):
+            out.update(field_defaults(value, f"{prefix}{name}."))
+        elif not info.is_required():
+            try:
+                default = info.get_default(call_default_factory=True)
+                out[f"{prefix}{name}"] = TypeAdapter(info.annotation).dump_python(
+                    default, mode="json")
+            except Exception:  # a default pydantic cannot dump is compared as missing
+                continue
+    return out
+
+
+def check_resume(last: Path | None, recipe: dict[str, Any],
+                 defaults: dict[str, Any] | None = None) -> None:
+    """Refuse to resume checkpoint ``last`` with a recipe that changes what the run computes
+    (``defaults``: see ``recipe_changes``)."""
     if last is None:
         return
     stored = load_state(last).get("recipe", {})
@@ -357,7 +387,7 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
         raise RunFolderError(f"--resume: {last.parent.parent} holds a run of kind "
                              f"{stored.get('kind')!r}, not {recipe.get('kind')!r}; choose "
                              "another run.output_dir")
-    changed = recipe_changes(stored, recipe)
+    changed = recipe_changes(stored, recipe, defaults)
     if changed:
         a, b = _flatten(stored), _flatten(recipe)
         shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"

@@ -131,7 +131,7 @@ def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,
                 trains: bool) -> None:
     """Rank 0 locks and claims the folder; every rank learns which checkpoint to resume."""
     from apactl.recipe import recipe_to_yaml
-    from apactl.run_folder import check_output_dir, check_resume, claim
+    from apactl.run_folder import check_output_dir, check_resume, claim, field_defaults
 
     last = None
     if rt.is_main:
@@ -142,7 +142,7 @@ def _own_folder(rt: Runtime, recipe: RecipeBase, resume: bool, overwrite: bool,
         if trains:
             resolved = recipe.model_dump(mode="json")
             last = claim(rt.output_dir, resume, overwrite, resolved)
-            check_resume(last, resolved)
+            check_resume(last, resolved, field_defaults(recipe))
         if last is None:  # a resumed run keeps the recipe.yaml of the run it continues
             rt.recipe_text = recipe_to_yaml(recipe)
     found = rt.dist.broadcast_object(str(last) if last is not None else None)

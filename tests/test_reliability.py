@@ -672,3 +672,24 @@ def test_sigterm_checkpoints_releases_the_lock_and_resumes_identically(tmp_path,
     wa = load_file(tmp_path / f"a/final/{sub}model.safetensors")
     wb = load_file(out / f"final/{sub}model.safetensors")
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_checkpoint_of_an_earlier_version_resumes_when_new_keys_keep_their_defaults():
+    # A checkpoint written before a key existed lacks it: the earlier version computed what the
+    # default computes, so only a non-default value of the new key is a change.
+    from apactl.recipe import load_recipe
+    from apactl.run_folder import field_defaults, recipe_changes
+
+    recipe = load_recipe(TINY / "align.yaml")
+    current = recipe.model_dump(mode="json")
+    stored = json.loads(json.dumps(current))
+    del stored["generation"]["samples_per_prompt"], stored["algo"]["advantage"]
+    del stored["data"]["max_bad_fraction"]
+    defaults = field_defaults(recipe)
+    assert defaults["generation.samples_per_prompt"] == 1 and defaults["algo.advantage"] == "gae"
+    assert recipe_changes(stored, current, defaults) == []
+    assert "generation.samples_per_prompt" in recipe_changes(stored, current)  # without them
+    other = load_recipe(TINY / "align.yaml", ["generation.samples_per_prompt=2",
+                                              "train.rollout_batch_size=8"])
+    changed = recipe_changes(stored, other.model_dump(mode="json"), field_defaults(other))
+    assert "generation.samples_per_prompt" in changed
