@@ -234,8 +234,10 @@ def label(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> Non
 
 @app.command()
 def quickstart(
-    output: str = typer.Option("apactl-runs/quickstart", "--output", "-o",
-                               help="Folder for every stage's outputs."),
+    output: str = typer.Option(None, "--output", "-o", show_default=False,
+                               help="Folder for every stage's outputs [default: "
+                               "apactl-runs/quickstart, or apactl-runs/quickstart-smoke "
+                               "with --smoke]."),
     model: str = typer.Option("smollm2-135m-instruct", "--model",
                               help="Base model: an alias, hub id, folder or .gguf file."),
     fresh: bool = typer.Option(False, "--fresh", help="Redo every stage, even finished ones."),
@@ -250,7 +252,9 @@ def quickstart(
     def go():
         from apactl.workflows.quickstart import run_quickstart
 
-        run_quickstart(output, model=model, fresh=fresh, smoke=smoke)
+        # The smoke check has its own folder: its tiny stages are never the real run's.
+        default = "apactl-runs/quickstart-smoke" if smoke else "apactl-runs/quickstart"
+        run_quickstart(output or default, model=model, fresh=fresh, smoke=smoke)
 
     guarded(go)
 

@@ -187,15 +187,25 @@ def check_resume(last: Path | None, recipe: dict[str, Any]) -> None:
     if last is None:
         return
     stored = load_state(last).get("recipe", {})
-    changed = recipe_changes(stored, recipe)
-    if changed:
-        a, b = _flatten(stored), _flatten(recipe)
-        shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
-                          for k in changed[:8])
-        more = f" and {len(changed) - 8} more" if len(changed) > 8 else ""
+    shown = describe_changes(stored, recipe)
+    if shown:
         raise RunFolderError(f"--resume: the recipe differs from the run's ({last}): {shown}"
-                             f"{more}; resume with the run's own recipe ({last.parent.parent}/"
+                             f"; resume with the run's own recipe ({last.parent.parent}/"
                              "recipe.yaml) or start a new run.output_dir")
+
+
+def _shown(value: Any) -> str:
+    """A recipe value as YAML writes it (``null``, not Python's ``None``); strings quoted."""
+    return "null" if value is None else repr(value)
+
+
+def describe_changes(stored: dict[str, Any], current: dict[str, Any], limit: int = 8) -> str:
+    """``key (old -> new), ...`` of the computed keys that differ ("" when none does)."""
+    changed = recipe_changes(stored, current)
+    a, b = _flatten(stored), _flatten(current)
+    shown = ", ".join(f"{k} ({_shown(a.get(k, '<unset>'))} -> {_shown(b.get(k, '<unset>'))})"
+                      for k in changed[:limit])
+    return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
 def write_recipe(folder: Path, text: str) -> None:
