@@ -132,3 +132,18 @@ def test_label_pairs_modes(tmp_path, mode):
     assert max(per_prompt.values()) <= (1 if mode == "best-worst" else 3)
     if mode == "all":
         assert max(per_prompt.values()) > 1  # some prompt gave more than one pair
+
+
+@pytest.mark.parametrize("args, root", [
+    ([], "apactl-runs/quickstart"),
+    (["--smoke", "--model", "tiny-random"], "apactl-runs/quickstart-smoke"),
+    (["--smoke", "-o", "elsewhere"], "elsewhere"),
+])
+def test_quickstart_smoke_has_its_own_default_folder(monkeypatch, args, root):
+    from apactl.workflows import quickstart as qs
+
+    seen = []
+    monkeypatch.setattr(qs, "run_quickstart", lambda r, **kw: seen.append(str(r)))
+    res = CliRunner().invoke(app, ["quickstart", *args])
+    assert res.exit_code == 0, res.output
+    assert seen == [root]
