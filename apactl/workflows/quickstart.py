@@ -147,7 +147,7 @@ def run_quickstart(root: str | Path, model: str = SMOLLM2, fresh: bool = False,
     was made by the same stage recipe (same model, same smoke sizes, same computed keys) and
     every stage before it was reused too; otherwise it is redone, saying why."""
     from apactl.checkpoint import list_checkpoints
-    from apactl.run_folder import clear
+    from apactl.run_folder import Lock, clear
 
     root = Path(root)
     if model.lower() == SMOLLM2:
@@ -176,7 +176,12 @@ def run_quickstart(root: str | Path, model: str = SMOLLM2, fresh: bool = False,
         if why is not None:
             console.print(f"{stage.name}: redoing it: {why}")
         if not resume and folder.is_dir():
-            clear(folder)
+            lock = Lock(folder)  # never clear a folder another apactl process is using
+            lock.acquire()
+            try:
+                clear(folder)
+            finally:
+                lock.release()
         t0 = time.perf_counter()
         run_stage(stage, load_stage(stage, root, model, smoke), resume)
         times[stage.name] = time.perf_counter() - t0
