@@ -282,6 +282,22 @@ def test_hub_dataset_offline_is_one_line_with_the_offline_route(monkeypatch, tmp
     assert "Retrying" not in res.output
 
 
+def test_hub_offline_switch_is_named_and_asks_nothing(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    _hub_unreachable(monkeypatch, tmp_path, OfflineModeIsEnabled)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    c = DataConfig(source="Anthropic/hh-rlhf", data_dir="harmless-base", split="test")
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(c)
+    assert str(err.value) == (
+        "Anthropic/hh-rlhf/harmless-base[test]: the Hugging Face hub is off (HF_HUB_OFFLINE) "
+        "and the dataset is not in the local cache; offline, download its file once "
+        "(harmless-base/test.jsonl.gz, or as the dataset names it) and pass "
+        "data.source=PATH/test.jsonl.gz")
+
+
 @pytest.mark.parametrize("error", _connect_errors(), ids=lambda e: e.__name__)
 def test_hub_model_offline_is_one_line_with_the_offline_route(monkeypatch, tmp_path, error):
     from helpers import QUIET, TINY, cli
