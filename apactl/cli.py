@@ -237,9 +237,9 @@ def label(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> Non
 @app.command()
 def quickstart(
     output: str = typer.Option(None, "--output", "-o", show_default=False,
-                               help="Folder for every stage's outputs [default: "
-                               "apactl-runs/quickstart, or apactl-runs/quickstart-smoke "
-                               "with --smoke]."),
+                               help="Folder for every stage's outputs (default: "
+                               "apactl-runs/quickstart; apactl-runs/quickstart-smoke "
+                               "with --smoke)."),
     model: str = typer.Option("smollm2-135m-instruct", "--model",
                               help="Base model: an alias, hub id, folder or .gguf file."),
     fresh: bool = typer.Option(False, "--fresh", help="Redo every stage, even finished ones."),
