@@ -165,3 +165,9 @@ def test_quickstart_never_clears_a_stage_folder_in_use(tmp_path, monkeypatch):
     with pytest.raises(RunFolderError, match="in use"):
         qs.run_quickstart(root, model="tiny-random", smoke=False)
     assert (root / "label" / "preferences.jsonl").exists()
+
+
+def test_quickstart_help_names_both_default_folders():
+    res = CliRunner().invoke(app, ["quickstart", "--help"])
+    text = " ".join(res.output.replace("│", " ").split())
+    assert "(default: apactl-runs/quickstart; apactl-runs/quickstart-smoke with --smoke)" in text
