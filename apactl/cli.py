@@ -235,8 +235,10 @@ JUDGE_OPT = typer.Option(None, "--judge", help="Keep only this judge of the reci
 @app.command("eval")
 def eval_cmd(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
              judge: list[str] = JUDGE_OPT) -> None:
-    """Compare policies (and their checkpoints) with a baseline: judge scores, win rates and KL,
-    with bootstrap intervals, report.md/report.json/samples.jsonl and plots.
+    """Compare policies with a baseline: judge scores, win rates and KL.
+
+    Every policy (and its checkpoints) against the baseline, with bootstrap intervals;
+    writes report.md, report.json, samples.jsonl and plots.
 
     Example: apactl eval recipes/eval/smollm2-135m.yaml --judge sentiment data.eval_rows=64
     """
@@ -268,8 +270,10 @@ def label(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG) -> Non
 
 @app.command()
 def quickstart(
-    output: str = typer.Option("apactl-runs/quickstart", "--output", "-o",
-                               help="Folder for every stage's outputs."),
+    output: str = typer.Option(None, "--output", "-o", show_default=False,
+                               help="Folder for every stage's outputs (default: "
+                               "apactl-runs/quickstart; apactl-runs/quickstart-smoke "
+                               "with --smoke)."),
     model: str = typer.Option("smollm2-135m-instruct", "--model",
                               help="Base model: an alias, hub id, folder or .gguf file."),
     fresh: bool = typer.Option(False, "--fresh", help="Redo every stage, even finished ones."),
@@ -278,13 +282,16 @@ def quickstart(
 ) -> None:
     """The whole pipeline offline on a CPU: label -> SFT -> RM -> APA -> eval.
 
-    Runs the shipped recipes/quickstart/*.yaml in order; finished stages are reused.
+    Runs the shipped recipes/quickstart/*.yaml in order; a finished stage is reused when the
+    same stage recipe made it, and redone otherwise.
     Example: apactl quickstart            (about 15 minutes on 2 CPU cores)
     """
     def go():
         from apactl.workflows.quickstart import run_quickstart
 
-        run_quickstart(output, model=model, fresh=fresh, smoke=smoke)
+        # The smoke check has its own folder: its tiny stages are never the real run's.
+        default = "apactl-runs/quickstart-smoke" if smoke else "apactl-runs/quickstart"
+        run_quickstart(output or default, model=model, fresh=fresh, smoke=smoke)
 
     guarded(go)
 
@@ -301,9 +308,11 @@ def sweep(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
           dry_run: bool = typer.Option(False, "--dry-run", help="Validate every run and print "
                                        "its folder and command; run nothing."),
           emit: str = EMIT_OPT) -> None:
-    """Run a grid of an align, sft, rm or dpo recipe, one run after another, each in its own folder
-    <run.output_dir>/<key>=<value>,...; finished runs are skipped, interrupted ones resumed,
-    and <run.output_dir>/sweep.json records them all. Exit 1 if a run failed.
+    """Run a grid of an align, sft, rm or dpo recipe, one run after another.
+
+    Each run in its own folder <run.output_dir>/<key>=<value>,...; finished runs are skipped,
+    interrupted ones resumed, and <run.output_dir>/sweep.json records them all. Exit 1 if a
+    run failed.
 
     Example: apactl sweep recipes/tiny/align.yaml --grid algo.name=apa,ppo,awr --grid run.seed=0,1
     """

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from apactl.errors import DataError
-from apactl.sources import looks_local, resolve_source
+from apactl.sources import hub_offline, hub_reachable, looks_local, resolve_source
 
 if TYPE_CHECKING:
     import torch
@@ -227,11 +227,39 @@ def load_rows(cfg: DataConfig, split: str | None = None) -> tuple[list[Any], str
 
     split = split or cfg.split
     name = _hub_name(cfg, split)
+    if not hub_reachable(cfg.source, "dataset"):
+        # Only the local cache can help; asking datasets for it offline skips its retries.
+        try:
+            with _datasets_offline():
+                ds = datasets.load_dataset(cfg.source, cfg.subset, data_dir=cfg.data_dir,
+                                           split=split)
+        except Exception:  # noqa: BLE001 - not cached: the offline route is the message
+            why = "is off (HF_HUB_OFFLINE)" if hub_offline() else "cannot be reached"
+            raise DataError(
+                f"{name}: the Hugging Face hub {why} and the dataset is not in the local cache; "
+                f"offline, download its file once ({cfg.data_dir + '/' if cfg.data_dir else ''}"
+                f"{split}.jsonl.gz, or as the dataset names it) and pass "
+                f"data.source=PATH/{split}.jsonl.gz") from None
+        return ds.to_list(), name
     try:
         ds = datasets.load_dataset(cfg.source, cfg.subset, data_dir=cfg.data_dir, split=split)
     except Exception as exc:  # hub/network/config errors carry long messages; keep one line
         raise DataError(f"{name}: cannot load: {_root_message(exc)}") from exc
     return ds.to_list(), name
+
+
+@contextmanager
+def _datasets_offline() -> Iterator[None]:
+    """``datasets`` in offline mode for one call: it reads its cache and makes no request.
+    (Its own switch, set from the environment at import; flipped here and put back.)"""
+    import datasets
+
+    before = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE = before
 
 
 def _hub_name(cfg: DataConfig, split: str) -> str:

@@ -117,7 +117,9 @@ def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
     if p.is_dir():
         raise RecipeError([f"recipe: {p} is a directory; expected a recipe file (.yaml)"])
     if not p.is_file():
-        raise RecipeError([f"recipe: file not found: {p}"])
+        close = closest_recipe_file(p)
+        raise RecipeError([f"recipe: file not found: {p}"
+                           + (f"; did you mean {close}?" if close else "")])
     base = _parse_yaml(p)
     if isinstance(base, DictConfig) and not base:  # an empty file, only comments, or null
         raise RecipeError([f"recipe: {p} is empty; expected a mapping of sections (kind:, run:, "
@@ -143,6 +145,23 @@ def load_raw(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> d
     except Exception as exc:  # noqa: BLE001 - e.g. a list index into a mapping
         raise RecipeError([f"override: {str(exc).splitlines()[0]}"]) from None
     return data
+
+
+def closest_recipe_file(missing: Path) -> str | None:
+    """The existing .yaml/.yml file whose path is closest to ``missing`` (a typo'd recipe
+    path), looked for below the deepest folder of ``missing`` that exists."""
+    base = missing.parent
+    while not base.is_dir() and base != base.parent:
+        base = base.parent
+    if base == base.parent:  # nothing of the path exists: no folder worth searching
+        return None
+    depth = min(len(missing.parts) - len(base.parts) if base != Path(".") else
+                len(missing.parts), 3)
+    found = [str(f) for d in range(1, max(depth, 1) + 1)
+             for pattern in ("*.yaml", "*.yml")
+             for f in base.glob("/".join(["*"] * (d - 1) + [pattern])) if f.is_file()]
+    close = difflib.get_close_matches(str(missing), found, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def parse_recipe(data: dict[str, Any], kind: str | None = None,

@@ -389,18 +389,31 @@ def check_resume(last: Path | None, recipe: dict[str, Any],
                              "another run.output_dir")
     changed = recipe_changes(stored, recipe, defaults)
     if changed:
-        a, b = _flatten(stored), _flatten(recipe)
-        shown = ", ".join(f"{k} ({a.get(k, '<unset>')!r} -> {b.get(k, '<unset>')!r})"
-                          for k in changed[:12])
-        more = f" and {len(changed) - 12} more" if len(changed) > 12 else ""
+        shown = describe_changes(stored, recipe, limit=12, defaults=defaults)
         start = ("policy.name_or_path={}/final/policy" if recipe.get("kind") == "align"
                  else "model.name_or_path={}/final").format(last.parent.parent)
         longer = ("; a run's length cannot change on resume (its LR schedule depends on it): "
                   f"to train a finished run further, start a new run from it ({start})"
                   if any(k in LENGTH for k in changed) else "")
         raise RunFolderError(f"--resume: the recipe differs from the run's ({last}): {shown}"
-                             f"{more}; resume with the run's own recipe ({last.parent.parent}/"
+                             f"; resume with the run's own recipe ({last.parent.parent}/"
                              f"recipe.yaml) or start a new run.output_dir{longer}")
+
+
+def _shown(value: Any) -> str:
+    """A recipe value as YAML writes it (``null``, not Python's ``None``); strings quoted."""
+    return "null" if value is None else repr(value)
+
+
+def describe_changes(stored: dict[str, Any], current: dict[str, Any], limit: int = 8,
+                     defaults: dict[str, Any] | None = None) -> str:
+    """``key (old -> new), ...`` of the computed keys that differ ("" when none does);
+    ``defaults``: see ``recipe_changes``."""
+    changed = recipe_changes(stored, current, defaults)
+    a, b = _flatten(stored), _flatten(current)
+    shown = ", ".join(f"{k} ({_shown(a.get(k, '<unset>'))} -> {_shown(b.get(k, '<unset>'))})"
+                      for k in changed[:limit])
+    return shown + (f" and {len(changed) - limit} more" if len(changed) > limit else "")
 
 
 def write_recipe(folder: Path, text: str) -> None:

