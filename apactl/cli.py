@@ -337,8 +337,10 @@ def push(run_folder: str = typer.Argument(..., help="An apactl run folder (or a 
                                       "would be uploaded; upload nothing."),
          what: str = typer.Option("policy", "--what", help="policy or critic (align runs).")
          ) -> None:
-    """Upload a run's final model folder to the Hugging Face Hub: its model card, weights,
-    tokenizer and recipe.yaml; never checkpoints or optimizer state.
+    """Upload a run's final model folder (with its model card) to the Hugging Face Hub.
+
+    What goes up: the model card, weights, tokenizer and recipe.yaml; never checkpoints or
+    optimizer state.
 
     Example: apactl push apactl-runs/tiny-align --repo-id me/tiny-apa --dry-run
     """

@@ -150,20 +150,21 @@ def test_quickstart_smoke_has_its_own_default_folder(monkeypatch, args, root):
 
 
 def test_quickstart_never_clears_a_stage_folder_in_use(tmp_path, monkeypatch):
-    import os
-    import socket
-
+    from apactl import run_folder
     from apactl.errors import RunFolderError
     from apactl.workflows import quickstart as qs
 
     root = tmp_path / "qs"
     stage = qs.STAGES[0]
     _finish(stage, qs.load_stage(stage, root, "tiny-random", True, check_files=False))
-    (root / "label" / ".apactl.lock").write_text(json.dumps(
-        {"pid": os.getpid(), "host": socket.gethostname()}))  # a live process holds it
+    holder = run_folder.Lock(root / "label")  # this live process holds it, as a run would
+    holder.acquire()
     monkeypatch.setattr(qs, "run_stage", lambda *a, **k: None)
-    with pytest.raises(RunFolderError, match="in use"):
-        qs.run_quickstart(root, model="tiny-random", smoke=False)
+    try:
+        with pytest.raises(RunFolderError, match="in use"):
+            qs.run_quickstart(root, model="tiny-random", smoke=False)
+    finally:
+        holder.release()
     assert (root / "label" / "preferences.jsonl").exists()
 
 
