@@ -294,6 +294,12 @@ class RecipeBase(Section):
     # Commands whose training loop can shard a model (run.strategy: fsdp).
     shardable: ClassVar[bool] = False
 
+    @property
+    def unused_sections(self) -> tuple[str, ...]:
+        """Sections this run does not use, left out of its resolved recipe.yaml (a recipe that
+        sets them is refused, so the written file must not)."""
+        return ()
+
     @model_validator(mode="after")
     def _strategy(self) -> RecipeBase:
         if self.run.strategy == "fsdp":
@@ -652,6 +658,10 @@ class AlignRecipe(RecipeBase):
         """False for a critic-free advantage estimator (GRPO, RLOO, APA with a group baseline)."""
         return self.algo.advantage not in GROUP_ESTIMATORS
 
+    @property
+    def unused_sections(self) -> tuple[str, ...]:
+        return () if self.has_critic else ("critic", "gae")
+
     @model_validator(mode="after")
     def _groups(self) -> AlignRecipe:
         k, n = self.generation.samples_per_prompt, self.train.rollout_batch_size
@@ -665,10 +675,14 @@ class AlignRecipe(RecipeBase):
                 raise ValueError(f"generation.samples_per_prompt: algo.name={self.algo.name} "
                                  f"with advantage {self.algo.advantage} compares the answers to "
                                  f"one prompt; set generation.samples_per_prompt >= 2 (it is {k})")
-            if "critic" in self.model_fields_set:
-                keys = [f"critic.{k}" for k in sorted(self.critic.model_fields_set)] or ["critic"]
+            # critic.* and gae.* would be silently unused: say so instead.
+            for section, what in (("critic", "trains no critic"), ("gae", "uses no GAE")):
+                if section not in self.model_fields_set:
+                    continue
+                part = getattr(self, section)
+                keys = [f"{section}.{k}" for k in sorted(part.model_fields_set)] or [section]
                 raise ValueError(f"{keys[0]}: algo.name={self.algo.name} with advantage "
-                                 f"{self.algo.advantage} trains no critic; remove "
+                                 f"{self.algo.advantage} {what}; remove "
                                  f"{', '.join(keys)} from the recipe")
         return self
 

@@ -311,9 +311,14 @@ def path_fields(recipe: RecipeBase) -> list[tuple[str, str | None]]:
 
 
 def recipe_to_yaml(recipe: RecipeBase) -> str:
+    """The resolved recipe as YAML, without the sections this run does not use (a critic-free
+    align run's ``critic`` and ``gae``), so that the file validates and reruns as it is."""
     import yaml
 
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    data = recipe.model_dump(mode="json")
+    for section in recipe.unused_sections:
+        data.pop(section, None)
+    return yaml.safe_dump(data, sort_keys=False)
 
 
 def recipe_schema(kind: str) -> dict[str, Any]:

@@ -129,6 +129,7 @@ def test_groups_stay_whole_in_every_chunk_and_rank_split(tmp_path):
     (["algo.name=apa", "algo.advantage=leave_one_out", "critic.lr=1e-3", "critic.clip=0.2"],
      "critic.clip: algo.name=apa with advantage leave_one_out trains no critic; remove "
      "critic.clip, critic.lr from the recipe"),
+    (["gae.lam=0.9"], "gae.lam: algo.name=grpo with advantage group uses no GAE; remove gae.lam"),
 ])
 def test_group_recipe_errors_name_the_fields(tmp_path, overrides, message):
     from helpers import TINY, cli
@@ -232,3 +233,20 @@ def test_frozen_trunk_reuse_without_a_critic_matches_plain_forwards(tmp_path):
     for key in ("reward/score_mean", "kl/ref_k1", "loss/policy", "policy/entropy"):
         for a, b in zip(fast, plain, strict=True):
             assert a[key] == pytest.approx(b[key], rel=1e-3, abs=1e-4), key
+
+
+def test_a_critic_free_runs_own_recipe_yaml_validates_and_resumes(tmp_path):
+    # The hint of a refused resume says "resume with the run's own recipe.yaml": for a
+    # critic-free run that file must not carry the critic/gae sections its schema refuses.
+    import yaml
+    from helpers import QUIET, TINY, cli
+
+    out = tmp_path / "run"
+    args = ("train.iterations=2", "train.save_every=1", f"run.output_dir={out}", *QUIET)
+    assert cli("align", TINY / "grpo.yaml", *args).exit_code == 0
+    written = yaml.safe_load((out / "recipe.yaml").read_text())
+    assert "critic" not in written and "gae" not in written and written["algo"]["name"] == "grpo"
+    res = cli("recipe", "validate", out / "recipe.yaml")
+    assert res.exit_code == 0, res.output
+    res = cli("align", out / "recipe.yaml", "train.iterations=2", "--resume", *QUIET)
+    assert res.exit_code == 0, res.output
