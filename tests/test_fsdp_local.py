@@ -94,3 +94,38 @@ def test_fsdp_joins_a_group_of_one(tmp_path):
     finally:
         if td.is_initialized():
             td.destroy_process_group()
+
+
+def test_rm_eval_runs_as_many_forwards_on_every_rank(monkeypatch):
+    # Under fsdp a forward is a collective: 5 held-out pairs over 2 ranks (3 and 2) in batches
+    # of 2 must still be 2 forwards on each rank, or the job hangs in evaluation.
+    import torch
+
+    from apactl.distributed import Dist
+    from apactl.workflows import rm
+
+    calls = []
+
+    def scores(model, batch):
+        calls.append(len(batch))
+        return torch.zeros(len(batch)), torch.ones(len(batch))
+
+    class Rank(Dist):
+        def __init__(self, rank):
+            self._rank = rank
+
+        rank = property(lambda self: self._rank)
+        world_size = property(lambda self: 2)
+
+        def unshard(self, mine):
+            return mine
+
+    monkeypatch.setattr(rm, "pair_scores", scores)
+    items = [{"chosen_ids": [1] * (i + 1), "rejected_ids": [2]} for i in range(5)]
+    per_rank = []
+    for r in (0, 1):
+        calls.clear()
+        out = rm.rm_eval(None, items, lambda part: part, 2, 0.0, Rank(r))
+        per_rank.append(len(calls))
+        assert out["eval/pairs"] == len(items[r::2])  # a filler forward adds no pair
+    assert per_rank == [2, 2]

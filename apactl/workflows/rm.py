@@ -50,8 +50,14 @@ def rm_eval(model, items, collate, batch_size: int, margin: float,
     mine = sorted(dist.shard(items),
                   key=lambda it: max(len(it["chosen_ids"]), len(it["rejected_ids"])))
     chosen, rejected = [torch.zeros(0)], [torch.zeros(0)]
-    for i in range(0, len(mine), batch_size):
-        rc, rr = pair_scores(model, collate(mine[i:i + batch_size]))
+    # Every rank runs the same number of forwards: a sharded (fsdp) forward is a collective, so
+    # a rank with a shorter shard (pairs that do not split evenly) runs a filler forward.
+    longest = -(-len(items) // dist.world_size)  # rank 0's shard
+    for r in range(-(-longest // batch_size)):
+        part = mine[r * batch_size:(r + 1) * batch_size]
+        rc, rr = pair_scores(model, collate(part or items[:1]))
+        if not part:
+            continue
         chosen.append(rc.cpu())
         rejected.append(rr.cpu())
     rc, rr = dist.unshard(torch.cat(chosen)), dist.unshard(torch.cat(rejected))
