@@ -367,3 +367,16 @@ def test_fsdp_align_matches_ddp_and_resumes_in_one_process(tmp_path, cache, alig
     run_ok(1, *align_args(tmp_path / "resumed", cache, 2, *judge), "--resume")
     assert_same_run(align_runs[1], tmp_path / "resumed", ["final/policy", "final/critic"],
                     atol=1e-5)
+
+
+def test_fsdp_critic_free_grpo_matches_one_plain_process(tmp_path, cache):
+    """A critic-free run sharded (run.strategy=fsdp, a group of one) trains like the plain
+    process: no critic is made, sharded or saved on either path."""
+    args = ["align", str(ROOT / "recipes/tiny/grpo.yaml"), f"policy.cache_dir={cache}",
+            "train.iterations=2", "generation.max_new_tokens=8", "data.eval_rows=8",
+            "train.eval_every=2", *QUIET]
+    plain, fsdp = tmp_path / "plain", tmp_path / "fsdp"
+    run_ok(1, *args, f"run.output_dir={plain}")
+    run_ok(1, *args, f"run.output_dir={fsdp}", "run.strategy=fsdp")
+    assert_same_run(plain, fsdp, ["final/policy"], atol=1e-5)
+    assert not (fsdp / "final" / "critic").exists()
