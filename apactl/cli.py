@@ -153,6 +153,24 @@ def main_callback(
     pass
 
 
+def _train(kind: str, recipe: str, overrides: list[str], resume: bool, overwrite: bool,
+           shown: list[str] | None = None) -> None:
+    """One training command (sft, rm, dpo, align): load the recipe, run ``run_<kind>`` of
+    ``apactl.workflows.<kind>`` with SIGTERM stopping it at a step boundary (a checkpoint, then
+    exit 143 with the resume command: ``shown`` are the arguments it repeats)."""
+    def go():
+        r = _load(recipe, overrides, kind)
+        from importlib import import_module
+
+        from apactl.runtime import stop_on_sigterm
+
+        run = getattr(import_module(f"apactl.workflows.{kind}"), f"run_{kind}")
+        with stop_on_sigterm():
+            run(r, resume=resume, overwrite=overwrite)
+
+    guarded(go, _resume_cmd(kind, recipe, overrides if shown is None else shown))
+
+
 @app.command()
 def sft(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
         resume: bool = RESUME_OPT, overwrite: bool = OVERWRITE_OPT) -> None:
@@ -160,15 +178,7 @@ def sft(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
 
     Example: apactl sft recipes/sft/smollm2-135m.yaml train.lr=2e-5 data.max_rows=200
     """
-    def go():
-        r = _load(recipe, overrides, "sft")
-        from apactl.runtime import stop_on_sigterm
-        from apactl.workflows.sft import run_sft
-
-        with stop_on_sigterm():
-            run_sft(r, resume=resume, overwrite=overwrite)
-
-    guarded(go, _resume_cmd("sft", recipe, overrides))
+    _train("sft", recipe, overrides, resume, overwrite)
 
 
 @app.command()
@@ -178,15 +188,7 @@ def rm(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
 
     Example: apactl rm recipes/rm/smollm2-135m.yaml train.max_steps=50
     """
-    def go():
-        r = _load(recipe, overrides, "rm")
-        from apactl.runtime import stop_on_sigterm
-        from apactl.workflows.rm import run_rm
-
-        with stop_on_sigterm():
-            run_rm(r, resume=resume, overwrite=overwrite)
-
-    guarded(go, _resume_cmd("rm", recipe, overrides))
+    _train("rm", recipe, overrides, resume, overwrite)
 
 
 @app.command()
@@ -196,13 +198,7 @@ def dpo(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
 
     Example: apactl dpo recipes/dpo/smollm2-135m-hh.yaml dpo.beta=0.1 train.max_steps=50
     """
-    def go():
-        r = _load(recipe, overrides, "dpo")
-        from apactl.workflows.dpo import run_dpo
-
-        run_dpo(r, resume=resume, overwrite=overwrite)
-
-    guarded(go)
+    _train("dpo", recipe, overrides, resume, overwrite)
 
 
 @app.command()
@@ -214,17 +210,9 @@ def align(recipe: str = RECIPE_ARG, overrides: list[str] = OVERRIDES_ARG,
 
     Example: apactl align recipes/align/smollm2-135m-apa.yaml --algo ppo train.iterations=20
     """
-    def go():
-        extra = [f"algo.name={algo}"] if algo else []
-        r = _load(recipe, [*extra, *(overrides or [])], "align")
-        from apactl.runtime import stop_on_sigterm
-        from apactl.workflows.align import run_align
-
-        with stop_on_sigterm():
-            run_align(r, resume=resume, overwrite=overwrite)
-
-    guarded(go, _resume_cmd("align", recipe, [*(["--algo", algo] if algo else []),
-                                              *(overrides or [])]))
+    extra = [f"algo.name={algo}"] if algo else []
+    _train("align", recipe, [*extra, *(overrides or [])], resume, overwrite,
+           shown=[*(["--algo", algo] if algo else []), *(overrides or [])])
 
 
 JUDGE_OPT = typer.Option(None, "--judge", help="Keep only this judge of the recipe (repeatable); "

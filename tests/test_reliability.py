@@ -693,3 +693,21 @@ def test_a_checkpoint_of_an_earlier_version_resumes_when_new_keys_keep_their_def
                                               "train.rollout_batch_size=8"])
     changed = recipe_changes(stored, other.model_dump(mode="json"), field_defaults(other))
     assert "generation.samples_per_prompt" in changed
+
+
+@pytest.mark.parametrize("kind", ["sft", "rm", "dpo", "align"])
+def test_every_training_command_stops_on_sigterm(monkeypatch, kind):
+    # The stop flag is checked by the loops; the CLI must install the handler for every
+    # command that trains (dpo once lacked it: SIGTERM killed it with no checkpoint).
+    import importlib
+
+    seen = []
+
+    def run(recipe, resume=False, overwrite=False):
+        seen.append(signal.getsignal(signal.SIGTERM))
+
+    monkeypatch.setattr(importlib.import_module(f"apactl.workflows.{kind}"), f"run_{kind}", run)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli(kind, str(TINY / f"{kind}.yaml"), *QUIET).exit_code == 0
+    assert len(seen) == 1 and seen[0] not in (before, signal.SIG_DFL, signal.SIG_IGN)
+    assert signal.getsignal(signal.SIGTERM) == before
