@@ -1,0 +1,90 @@
+"""docs/study/analyze.py: the study's learning-rate selection rule, its configuration labels,
+the previous study's sweep records, the matched-KL fit and the seeds' intervals, on hand-made
+numbers; and its run_study.sh phases parse."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+
+import pytest
+from helpers import ROOT
+
+
+@pytest.fixture(scope="module")
+def an():
+    spec = importlib.util.spec_from_file_location("study_analyze",
+                                                  ROOT / "docs" / "study" / "analyze.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def pt(lr, proxy, kl):
+    return {"lr": lr, "proxy": proxy, "gold": 0.0, "kl": kl}
+
+
+def test_the_rule_takes_the_best_proxy_within_the_kl_budget_and_says_when_it_is_bracketed(an):
+    # The proxy rises with the rate (as in the previous study); only the top rate exceeds 10.
+    lr, why = an.choose([pt(3e-5, 0.37, 0.3), pt(1e-4, 0.70, 4.4), pt(3e-4, 2.29, 28.1)])
+    assert lr == 1e-4 and "NOT bracketed" not in why
+    # Every rate within the budget: the top one wins, and it is at the grid's edge.
+    lr, why = an.choose([pt(3e-5, 0.1, 0.3), pt(1e-4, 0.2, 1.0), pt(3e-4, 0.3, 9.9)])
+    assert lr == 3e-4 and "NOT bracketed" in why
+    # A lower rate can win on the proxy inside the budget.
+    lr, _ = an.choose([pt(3e-5, 0.1, 0.3), pt(1e-4, 0.5, 2.0), pt(3e-4, 0.4, 9.0)])
+    assert lr == 1e-4
+    # None within the budget: the smallest KL, flagged.
+    lr, why = an.choose([pt(3e-5, 0.1, 12.0), pt(1e-4, 0.5, 20.0), pt(3e-4, 0.4, 30.0)])
+    assert lr == 3e-5 and "no rate within" in why and "NOT bracketed" in why
+    assert an.choose([pt(1e-4, None, None)]) == (None, "no finished grid point")
+
+
+def test_labels_name_the_configuration_of_a_recipe(an):
+    assert an.label_of({"kind": "dpo"}) == "dpo"
+    assert an.label_of({"kind": "align", "algo": {"name": "apa", "lam": 0.1}}) == "apa"
+    assert an.label_of({"algo": {"name": "apa", "lam": 0.1, "advantage": "group"}}) == "apa-group"
+    assert an.label_of({"algo": {"name": "apa", "lam": 0.3, "advantage": "gae"}}) == "apa lam=0.3"
+    assert an.label_of({"algo": {"name": "awr", "lam": 0.1}}) == "awr lam=0.1"
+    assert an.label_of({"algo": {"name": "ppo", "clip_eps": 0.2}}) == "ppo"
+    assert an.label_of({"algo": {"name": "grpo"}}) == "grpo"
+
+
+def test_a_sweep_record_stands_for_a_run_whose_folder_is_gone(an, tmp_path):
+    gone, here = tmp_path / "gone", tmp_path / "here"
+    here.mkdir()
+    metrics = {an.PROXY: 0.7, an.KL: 4.4, an.GOLD: 0.52}
+    rec = {"runs": [
+        {"status": "finished", "folder": str(gone), "grid": {"algo.name": "apa", "train.lr": 1e-4},
+         "metrics": metrics},
+        {"status": "finished", "folder": str(here), "grid": {"algo.name": "apa", "train.lr": 3e-4},
+         "metrics": metrics},  # its folder exists: read from the folder, not the record
+        {"status": "failed", "folder": str(gone), "grid": {"algo.name": "ppo", "train.lr": 1e-4},
+         "metrics": metrics}]}
+    (tmp_path / "sweep.json").write_text(json.dumps(rec))
+    got = an.records(tmp_path)
+    assert [(r["label"], r["lr"], r["seed"]) for r in got] == [("apa", 1e-4, 0)]
+
+
+def test_the_matched_kl_fit_recovers_a_line_in_sqrt_kl(an):
+    pts = [(kl, 0.2 + 0.1 * math.sqrt(kl), 1.0 - 0.5 * math.sqrt(kl)) for kl in (0, 1, 4, 9, 16)]
+    a, b = an.fit_sqrt(pts, 1)
+    assert a == pytest.approx(0.2) and b == pytest.approx(0.1)
+    a, b = an.fit_sqrt(pts, 2)
+    assert a == pytest.approx(1.0) and b == pytest.approx(-0.5)
+
+
+def test_seed_intervals_are_t_intervals(an):
+    # Three seeds 1, 2, 3: mean 2, sd 1, half-width t(0.975, 2) * 1 / sqrt(3) = 4.303 / 1.732.
+    got = an.t_interval([1.0, 2.0, 3.0])
+    assert got["mean"] == 2.0 and got["n"] == 3
+    assert got["ci_hi"] - 2.0 == pytest.approx(4.303 / math.sqrt(3))
+    assert an.t_interval([5.0]) == {"mean": 5.0, "n": 1}  # one seed: no interval
+
+
+@pytest.mark.parametrize("script", ["run_study.sh", "session-2026-12-03.sh"])
+def test_the_study_scripts_parse(script):
+    subprocess.run(["bash", "-n", str(ROOT / "docs" / "study" / script)], check=True)
+
