@@ -88,3 +88,23 @@ def test_seed_intervals_are_t_intervals(an):
 def test_the_study_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "docs" / "study" / script)], check=True)
 
+
+def test_the_published_answers_rescore_to_their_gold_scores_with_the_readme_snippet(capsys):
+    """docs/study/README.md's snippet, run on every published samples.jsonl, prints the per-policy
+    gold means of the file (the gold judge is the builtin `sentiment`)."""
+    import re
+    from collections import defaultdict
+
+    files = sorted((ROOT / "docs" / "study" / "eval").glob("*/samples.jsonl"))
+    assert files, "the study publishes the answers its final evaluation scored"
+    code = re.search(r"```python\n(.*?)```", (ROOT / "docs" / "study" / "README.md").read_text(),
+                     re.S).group(1)
+    for path in files:
+        ns: dict = {}
+        exec(compile(code.replace("docs/study/eval/a/samples.jsonl", str(path)),  # noqa: S102
+                     "README.md", "exec"), ns)
+        gold = defaultdict(list)
+        for r in ns["rows"]:
+            gold[r["policy"]].append(r["scores"]["gold"])
+        want = {p: round(sum(v) / len(v), 3) for p, v in gold.items()}
+        assert capsys.readouterr().out.strip() == str(want)

@@ -178,6 +178,7 @@ def chosen_runs(root: Path) -> dict[str, list[dict]]:
     runs = load_runs(root)
     lrs = {c: choose(grid_points(root, c))[0] for c in CONFIGS}
     out: dict[str, list[dict]] = {}
+    runs.sort(key=lambda r: (CONFIGS.index(r["label"].split(" ")[0]), r["label"]))
     for run in runs:
         base = run["label"].split(" ")[0]
         if run["kind"] == "dpo" or lrs.get(base) != run["lr"]:
@@ -573,10 +574,10 @@ def cell(d: dict) -> str:
 
 def samples(root: Path, names: list[str], prompts: int = 3) -> list[str]:
     """Answers of the named policies to the same held-out prompts (eval's samples.jsonl)."""
-    path = root / "eval" / "samples.jsonl"
-    if not path.exists():
+    rows = [json.loads(ln) for path in sorted((root / "eval").glob("**/samples.jsonl"))
+            for ln in path.read_text().splitlines() if ln.strip()]
+    if not rows:
         return []
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
     out = []
     for i in sorted({r["prompt_index"] for r in rows})[:prompts]:
         first = next(r for r in rows if r["prompt_index"] == i)
@@ -628,8 +629,8 @@ def report(root: Path, docs: Path) -> None:
     ev = eval_by_config(root)
     res["eval"] = ev
     if ev:
-        md += ["## Final policies (apactl eval: 64 held-out prompts x 2 answers; mean over seeds "
-               "[95% t-interval])", "",
+        md += ["## Final policies (apactl eval: 64 held-out prompts, one answer each; mean over "
+               "seeds [95% t-interval])", "",
                "| policy | seeds | proxy | gold | gold diff vs pi_init | KL k1 | KL k3 | entropy "
                "| tokens | EOS rate | distinct-2 |",
                "|---|---|---|---|---|---|---|---|---|---|---|"]
