@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What the second round ran on 2026-12-03 (one 3-hour session, 2 cores): the phases of
 # run_study.sh in two lanes of one thread side by side, ordered so that both lanes end
-# together; the cut phases (seeds, lam, long GRPO, AWR re-run) are not here. APA's, PPO's
+# together; the cut phases (DPO, seeds, lam, long GRPO, AWR re-run) are not here. APA's, PPO's
 # and AWR's grids are the first round's records:
 #   mkdir -p apactl-runs/study/grid && cp docs/study/v1/sweeps/grid.json apactl-runs/study/grid/sweep.json
 set -euo pipefail
@@ -21,9 +21,9 @@ bash $S data
 (   # lane B
   CONFIGS="grpo rloo" bash $S grid-cf
   CONFIGS=apa-group GRID_LRS=3e-5,1e-4 bash $S grid-cf
-  apactl sweep recipes/study/dpo.yaml --grid train.lr=1e-5,3e-5,1e-4 \
-    run.output_dir=apactl-runs/study/grid-dpo logging.progress=false run.num_threads=1
-  python3 $A eval-recipe apactl-runs/study b grpo rloo dpo-grid > apactl-runs/study/eval-b.yaml
+  # DPO's grid was started here (apactl sweep recipes/study/dpo.yaml --grid
+  # train.lr=1e-5,3e-5,1e-4 ...) and killed unfinished for time; it is not part of the results.
+  python3 $A eval-recipe apactl-runs/study b grpo rloo > apactl-runs/study/eval-b.yaml
   apactl eval apactl-runs/study/eval-b.yaml logging.progress=false run.num_threads=1
 ) &
 wait
