@@ -14,6 +14,7 @@ written from them by hand.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import random
@@ -53,8 +54,10 @@ def label_of(recipe: dict) -> str:
     return label
 
 
-def load_runs(root: Path) -> list[dict]:
-    """Every run folder under ``root``: label, lr, seed, iterations, metrics rows."""
+@functools.cache
+def load_runs(root: Path) -> tuple[dict, ...]:
+    """Every run folder under ``root``: label, lr, seed, iterations, metrics rows. Read once
+    per process (the report asks for them per configuration); callers must not modify them."""
     import yaml
 
     out = []
@@ -70,7 +73,7 @@ def load_runs(root: Path) -> list[dict]:
                     "lr": float(r["train"]["lr"]), "seed": r["run"]["seed"],
                     "iterations": r["train"].get("iterations"), "kind": r.get("kind"),
                     "finished": (folder / "final").is_dir()})
-    return out
+    return tuple(out)
 
 
 def records(folder: Path) -> list[dict]:
@@ -178,7 +181,7 @@ def chosen_runs(root: Path) -> dict[str, list[dict]]:
     runs = load_runs(root)
     lrs = {c: choose(grid_points(root, c))[0] for c in CONFIGS}
     out: dict[str, list[dict]] = {}
-    runs.sort(key=lambda r: (CONFIGS.index(r["label"].split(" ")[0]), r["label"]))
+    runs = sorted(runs, key=lambda r: (CONFIGS.index(r["label"].split(" ")[0]), r["label"]))
     for run in runs:
         base = run["label"].split(" ")[0]
         if run["kind"] == "dpo" or lrs.get(base) != run["lr"]:
@@ -378,11 +381,6 @@ def matched(root: Path, reps: int = 2000, seed: int = 0) -> dict:
                for o in names if o != c and boot[o]}} for p in pts[c]]
         for c in names if not boot[c]}
     return out
-
-
-def verdict(d: dict) -> str:
-    lo, hi = d["ci"]
-    return "higher" if lo > 0 else "lower" if hi < 0 else "no difference found"
 
 
 # ------------------------------------------------------------------------------- final eval
