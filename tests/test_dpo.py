@@ -230,6 +230,7 @@ def test_cli_dpo_then_eval_and_sweep_take_the_run(tmp_path):
               "data.max_rows=16", "data.eval_rows=4", *QUIET)
     assert res.exit_code == 0, res.output
     assert (run / "final" / "config.json").exists()
+    assert "dpo: reference log-probs of 12 + 4 pairs" in res.output  # minutes on a real set
     # Precomputing the reference is operational: a resume may switch it (not the step count).
     again = cli("dpo", TINY_DPO, f"run.output_dir={run}", "train.max_steps=3",
                 "train.save_every=1", "data.max_rows=16", "data.eval_rows=4", *QUIET,

@@ -108,3 +108,22 @@ def test_the_published_answers_rescore_to_their_gold_scores_with_the_readme_snip
             gold[r["policy"]].append(r["scores"]["gold"])
         want = {p: round(sum(v) / len(v), 3) for p, v in gold.items()}
         assert capsys.readouterr().out.strip() == str(want)
+
+
+def test_the_bootstrap_draws_whole_runs(an):
+    """A run's held-out points (iterations 8/16/24) are one trajectory: a bootstrap draw takes
+    a run with all of its points or not at all; records stand alone."""
+    import random
+
+    pts = sorted([(0.5 * i, 0.1 * i, 0.0, f"grid-x/lr=1e-4@{8 * i}") for i in (1, 2, 3)]
+                 + [(1.0 * i, 0.2 * i, 0.0, f"seeds-x/seed=1@{8 * i}") for i in (1, 2, 3)]
+                 + [(9.0, 0.9, 0.0, "record"), (0.1, 0.0, 0.0, "record")])
+    assert sorted(len(g) for g in an.runs_of(pts)) == [1, 1, 3, 3]
+    rng = random.Random(0)
+    for _ in range(200):
+        draw = an.resample_runs(pts, rng)
+        runs = {p[3].rsplit("@", 1)[0] for p in draw if "@" in p[3]}
+        for run in runs:  # every run drawn k times carries its 3 points k times
+            n = sum(1 for p in draw if p[3].startswith(run + "@"))
+            assert n % 3 == 0 and all(
+                sum(1 for p in draw if p[3] == f"{run}@{s}") == n // 3 for s in (8, 16, 24))

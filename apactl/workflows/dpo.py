@@ -183,7 +183,10 @@ def run_dpo(recipe: DPORecipe, resume: bool = False, overwrite: bool = False,
         hooks = hooks or Hooks()
         if tr.precompute_reference:
             # Before training (and before a resumed run loads its weights): the policy here is
-            # still the initial one.
+            # still the initial one. It is one forward per pair and prints nothing else: say so,
+            # or a run quiet for minutes before step 1 looks hung.
+            console.print(f"dpo: reference log-probs of {len(train_items)} + {len(eval_items)} "
+                          "pairs, once, before step 1")
             with hooks.wrap("reference"):
                 attach_reference(model, ref, [train_items, eval_items], collate, ebs, rt.dist,
                                  p.autocast)

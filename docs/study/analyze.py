@@ -37,7 +37,9 @@ HORIZON = 24  # iterations of a run of the comparison; "long" runs go 4x further
 # on, gold = the sentiment judge that labelled the RM's data (never trained on).
 PROXY, GOLD, KL = "eval/score_mean", "eval/gold_mean", "eval/kl_k1"
 MATCHED_KL = (2.0, 5.0, 10.0, 15.0)
-MIN_BOOT = 5  # points a configuration needs for bootstrap intervals of its curve
+# Runs (a run: its held-out points at iterations 8/16/24; a previous-study record or a DPO
+# policy: one point) a configuration needs for bootstrap intervals of its curve.
+MIN_RUNS = 4
 
 
 # ------------------------------------------------------------------------------------ runs
@@ -331,20 +333,38 @@ def frontier_points(root: Path, config: str) -> list[tuple[float, float, float, 
     return sorted(pts)
 
 
+def runs_of(pts: list[tuple]) -> list[list[tuple]]:
+    """Frontier points grouped by the run they come from (a run's points at iterations 8/16/24
+    are one policy's trajectory, not independent draws; a record or a DPO policy is its own)."""
+    groups: dict[str, list[tuple]] = {}
+    for i, p in enumerate(pts):
+        key = p[3].rsplit("@", 1)[0] if "@" in p[3] else f"{p[3]}#{i}"
+        groups.setdefault(key, []).append(p)
+    return list(groups.values())
+
+
+def resample_runs(pts: list[tuple], rng: random.Random) -> list[tuple]:
+    """One bootstrap draw of a configuration's frontier points: its runs drawn with
+    replacement, each with all its points (a cluster bootstrap: the seed-to-seed and
+    rate-to-rate spread is what the interval measures)."""
+    groups = runs_of(pts)
+    return [p for _ in groups for p in rng.choice(groups)]
+
+
 def matched(root: Path, reps: int = 2000, seed: int = 0) -> dict:
     """Gold and proxy of each configuration at equal KLs from a + b*sqrt(KL) fitted to its
-    frontier points; 95% intervals and the pairwise differences by bootstrapping the points
-    (each configuration's points resampled independently)."""
+    frontier points; 95% intervals and the pairwise differences by bootstrapping its runs
+    (``resample_runs``; each configuration resampled independently)."""
     rng = random.Random(seed)
     pts = {c: frontier_points(root, c) for c in CONFIGS}
     pts = {c: p for c, p in pts.items() if len(p) >= 3}
 
     def refit(p: list) -> tuple[float, ...]:
-        draw = [rng.choice(p) for _ in p]  # one resample, both columns
+        draw = resample_runs(p, rng)  # one resample, both columns
         return fit_sqrt(draw, 1) + fit_sqrt(draw, 2)
 
-    # Intervals need enough points: a resample of 3-4 points is often one point repeated.
-    boot = {c: [refit(p) for _ in range(reps)] if len(p) >= MIN_BOOT else []
+    # Intervals need enough runs: a resample of 3 runs is one run repeated in 1 draw of 9.
+    boot = {c: [refit(p) for _ in range(reps)] if len(runs_of(p)) >= MIN_RUNS else []
             for c, p in pts.items()}
 
     def at(ab: tuple[float, ...], kl: float, col: int) -> float:
@@ -358,7 +378,7 @@ def matched(root: Path, reps: int = 2000, seed: int = 0) -> dict:
     for c, p in pts.items():
         fit = fit_sqrt(p, 1) + fit_sqrt(p, 2)
         out["configs"][c] = {
-            "points": len(p), "kl_range": [p[0][0], p[-1][0]], "fit": fit,
+            "points": len(p), "runs": len(runs_of(p)), "kl_range": [p[0][0], p[-1][0]], "fit": fit,
             **{f"{kl:g}": {name: {"value": at(fit, kl, col),
                                   "ci": ci([at(f, kl, col) for f in boot[c]])}
                            for name, col in (("gold", 1), ("proxy", 2))} for kl in MATCHED_KL}}
@@ -677,13 +697,15 @@ def report(root: Path, docs: Path) -> None:
     md += ["", "## Matched KL", "",
            "Every held-out measurement of a configuration within 24 iterations (all its grid "
            "rates and seeds; DPO: apactl eval of its policies), fitted by y = a + b sqrt(KL); 95% "
-           "intervals by resampling the points (2000 bootstrap draws). A value outside a "
+           "intervals by resampling the runs, each with all its points (2000 bootstrap draws; "
+           f"none for fewer than {MIN_RUNS} runs). A value outside a "
            "configuration's KL range is an extrapolation.", "",
-           "| | points (KL range) | " + " | ".join(f"gold @ KL {k:g}" for k in MATCHED_KL)
+           "| | points / runs (KL range) | " + " | ".join(f"gold @ KL {k:g}" for k in MATCHED_KL)
            + " | " + " | ".join(f"proxy @ KL {k:g}" for k in MATCHED_KL) + " |",
            "|---|---|" + "---|" * (2 * len(MATCHED_KL))]
     for key, row in m["configs"].items():
-        md.append(f"| {key} | {row['points']} ({row['kl_range'][0]:.2f}-{row['kl_range'][1]:.1f})"
+        md.append(f"| {key} | {row['points']} / {row['runs']} "
+                  f"({row['kl_range'][0]:.2f}-{row['kl_range'][1]:.1f})"
                   " | " + " | ".join(cell(row[f"{k:g}"]["gold"]) for k in MATCHED_KL) + " | "
                   + " | ".join(cell(row[f"{k:g}"]["proxy"]) for k in MATCHED_KL) + " |")
     md += ["", "Pairwise differences (first minus second), gold then proxy:", "",
