@@ -127,3 +127,20 @@ def test_the_bootstrap_draws_whole_runs(an):
             n = sum(1 for p in draw if p[3].startswith(run + "@"))
             assert n % 3 == 0 and all(
                 sum(1 for p in draw if p[3] == f"{run}@{s}") == n // 3 for s in (8, 16, 24))
+
+
+def test_a_later_evaluation_part_leaves_out_what_another_part_scored(an, tmp_path):
+    """New seeds are evaluated in a part of their own: the policies another part already scored
+    are not scored twice (they would count twice in the seed means), pi_init is kept once."""
+    def report(part, names):
+        d = tmp_path / "eval" / part
+        d.mkdir(parents=True)
+        pols = [{"name": "baseline", "is_baseline": True}] + [{"name": n} for n in names]
+        (d / "report.json").write_text(json.dumps({"policies": pols}))
+        return d
+
+    a = report("a", ["apa-s0", "ppo-s0"])
+    c = report("c", ["apa-s1"])
+    assert an.scored_elsewhere(tmp_path, tmp_path / "eval" / "c") == {"apa-s0", "ppo-s0"}
+    assert an.scored_elsewhere(tmp_path, a) == {"apa-s1"}  # re-running a part keeps its own
+    assert an.scored_elsewhere(tmp_path, c.parent / "d") == {"apa-s0", "ppo-s0", "apa-s1"}

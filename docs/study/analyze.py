@@ -233,7 +233,8 @@ def eval_recipe(root: Path, part: str = "all", *labels: str) -> str:
     seed) and the long runs' last checkpoints (``long-apa``...), all of them or the ``labels``
     named; or, with part ``dpo``, over DPO's grid (to choose its rate, into grid-dpo/eval).
     Against pi_init, with the proxy and the gold judge. Parts let two lanes evaluate side by
-    side; the report reads every part."""
+    side, and a later part (new seeds) leaves out what another part already scored; the report
+    reads every part."""
     dpo_grid = [f"  - {{name: dpo-lr{r['lr']:g}, path: '{r['folder']}'}}"
                 for r in load_runs(root / "grid-dpo") if r["finished"]]
     if part == "dpo":
@@ -253,6 +254,8 @@ def eval_recipe(root: Path, part: str = "all", *labels: str) -> str:
                                 f"path: '{checkpoint_policy(run['folder'], step)}'}}")
         policies += dpo_grid if "dpo-grid" in want else []
         out = root / "eval" / part
+        done = scored_elsewhere(root, out)
+        policies = [p for p in policies if p.split("name: ", 1)[1].split(",", 1)[0] not in done]
     return "\n".join([
         "kind: eval", f"run: {{name: study-eval, output_dir: '{out}', seed: 1}}",
         "policies:", *policies,
@@ -265,6 +268,12 @@ def eval_recipe(root: Path, part: str = "all", *labels: str) -> str:
         "  - {name: sentiment, label: gold, role: gold}",
         "generation: {max_new_tokens: 32, temperature: 0.7}",
         "eval: {samples_per_prompt: 1, bootstrap: 2000, batch_size: 32}", ""])
+
+
+def scored_elsewhere(root: Path, out: Path) -> set[str]:
+    """Names of the policies another evaluation (not the one writing into ``out``) scored."""
+    return {p["name"] for path in eval_reports(root) if path.parent != out
+            for p in json.loads(path.read_text())["policies"] if not p.get("is_baseline")}
 
 
 def dpo_evaluated(root: Path, view: dict) -> bool:
@@ -327,6 +336,8 @@ def frontier_points(root: Path, config: str) -> list[tuple[float, float, float, 
            for r in records(root / GRID_DIR[config])
            if r["label"] == config and (r["lr"], r["seed"]) not in made]
     for run in runs:
+        if last(run["rows"], KL) is None or max(r["step"] for r in run["rows"]) < HORIZON:
+            continue  # unfinished (running, or cut): its points would all sit at low KL
         where = f"{run['folder'].parent.name}/{run['folder'].name}@"
         pts += [(r[KL], r[GOLD], r[PROXY], f"{where}{r['step']}") for r in run["rows"]
                 if r.get(KL) is not None and r.get(GOLD) is not None and r["step"] <= HORIZON]
@@ -420,10 +431,10 @@ def final_eval(root: Path) -> dict:
             p = dict(p, report=str(path.parent))
             if p["name"].startswith("dpo-lr") and float(p["name"][6:]) == lr:
                 p["name"] = "dpo-s0"
-            if p.get("is_baseline"):
-                if "baseline" in seen:
-                    continue
-                seen.add("baseline")
+            key = "baseline" if p.get("is_baseline") else p["name"]
+            if key in seen:  # pi_init is in every part
+                continue
+            seen.add(key)
             policies.append(p)
     return {"policies": policies} if policies else {}
 
