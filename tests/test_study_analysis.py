@@ -84,7 +84,8 @@ def test_seed_intervals_are_t_intervals(an):
     assert an.t_interval([5.0]) == {"mean": 5.0, "n": 1}  # one seed: no interval
 
 
-@pytest.mark.parametrize("script", ["run_study.sh", "session-2026-12-03.sh"])
+@pytest.mark.parametrize("script", ["run_study.sh", "session-2026-12-03.sh",
+                                    "session-2026-12-03b.sh"])
 def test_the_study_scripts_parse(script):
     subprocess.run(["bash", "-n", str(ROOT / "docs" / "study" / script)], check=True)
 
