@@ -145,3 +145,25 @@ def test_a_later_evaluation_part_leaves_out_what_another_part_scored(an, tmp_pat
     assert an.scored_elsewhere(tmp_path, tmp_path / "eval" / "c") == {"apa-s0", "ppo-s0"}
     assert an.scored_elsewhere(tmp_path, a) == {"apa-s1"}  # re-running a part keeps its own
     assert an.scored_elsewhere(tmp_path, c.parent / "d") == {"apa-s0", "ppo-s0", "apa-s1"}
+
+
+def test_dpo_seeds_are_evaluated_from_their_model_folder(an, tmp_path):
+    """A DPO run's final/ is the model (config.json in it), not final/policy as in align: the
+    policy apactl eval is given for each DPO seed must be a folder that holds the model."""
+    def run(folder, seed):
+        (folder / "final").mkdir(parents=True)
+        (folder / "final" / "config.json").write_text("{}")
+        (folder / "recipe.yaml").write_text(
+            f"kind: dpo\nrun: {{seed: {seed}}}\ntrain: {{lr: 1.0e-4}}\n")
+        (folder / "metrics.jsonl").write_text('{"step": 1, "train/loss": 0.69}\n')
+        return folder
+
+    grid = run(tmp_path / "grid-dpo" / "train.lr=1e-4", 0)
+    run(tmp_path / "seeds-dpo" / "run.seed=1", 1)
+    (tmp_path / "grid-dpo" / "eval").mkdir()
+    (tmp_path / "grid-dpo" / "eval" / "report.json").write_text(json.dumps({"policies": [
+        {"name": "dpo-lr0.0001", "run": str(grid), "path": str(grid / "final"),
+         "judges": {"proxy": {"mean": 0.9}, "gold": {"mean": 0.6}}, "kl": {"k1_mean": 4.0}}]}))
+    views = an.chosen_runs(tmp_path)["dpo"]
+    assert [v["seed"] for v in views] == [0, 1]
+    assert all((v["policy"] / "config.json").is_file() for v in views), views

@@ -207,8 +207,9 @@ def chosen_runs(root: Path) -> dict[str, list[dict]]:
     dpo = [r for r in runs if r["kind"] == "dpo" and r["lr"] == dpo_lr and r["finished"]]
     if dpo:
         keep = {r["seed"]: r for r in dpo}
+        # A DPO run's final/ is the model itself (an sft-style folder), not final/policy.
         out["dpo"] = [{"seed": s, "folder": keep[s]["folder"], "long": False, "rows": [],
-                       "policy": keep[s]["folder"] / "final" / "policy"} for s in sorted(keep)]
+                       "policy": keep[s]["folder"] / "final"} for s in sorted(keep)]
     return out
 
 
