@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import subprocess
+from pathlib import Path
 
 import pytest
 from helpers import ROOT
@@ -132,19 +133,24 @@ def test_the_bootstrap_draws_whole_runs(an):
 
 def test_a_later_evaluation_part_leaves_out_what_another_part_scored(an, tmp_path):
     """New seeds are evaluated in a part of their own: the policies another part already scored
-    are not scored twice (they would count twice in the seed means), pi_init is kept once."""
+    are not scored twice (they would count twice in the seed means), pi_init is kept once. A
+    policy is known by its path, as given (a run folder) or as apactl eval resolved it."""
     def report(part, names):
         d = tmp_path / "eval" / part
         d.mkdir(parents=True)
-        pols = [{"name": "baseline", "is_baseline": True}] + [{"name": n} for n in names]
+        pols = [{"name": "baseline", "is_baseline": True, "path": "sft/final"}] + [
+            {"name": n, "run": f"runs/{n}", "path": f"runs/{n}/final"} for n in names]
         (d / "report.json").write_text(json.dumps({"policies": pols}))
         return d
 
+    def paths(*names):
+        return {Path(f"runs/{n}{end}") for n in names for end in ("", "/final")}
+
     a = report("a", ["apa-s0", "ppo-s0"])
     c = report("c", ["apa-s1"])
-    assert an.scored_elsewhere(tmp_path, tmp_path / "eval" / "c") == {"apa-s0", "ppo-s0"}
-    assert an.scored_elsewhere(tmp_path, a) == {"apa-s1"}  # re-running a part keeps its own
-    assert an.scored_elsewhere(tmp_path, c.parent / "d") == {"apa-s0", "ppo-s0", "apa-s1"}
+    assert an.scored_elsewhere(tmp_path, tmp_path / "eval" / "c") == paths("apa-s0", "ppo-s0")
+    assert an.scored_elsewhere(tmp_path, a) == paths("apa-s1")  # re-running a part keeps its own
+    assert an.scored_elsewhere(tmp_path, c.parent / "d") == paths("apa-s0", "ppo-s0", "apa-s1")
 
 
 def test_dpo_seeds_are_evaluated_from_their_model_folder(an, tmp_path):

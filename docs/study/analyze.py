@@ -95,6 +95,13 @@ def records(folder: Path) -> list[dict]:
     return out
 
 
+def reached_horizon(run: dict) -> bool:
+    """Whether a run has a held-out KL by iteration 24 and got that far: a running or cut-short
+    run's points would all sit at low KL."""
+    return (last(run["rows"], KL, HORIZON) is not None
+            and max(r["step"] for r in run["rows"]) >= HORIZON)
+
+
 def last(rows: list[dict], key: str, upto: int | None = None) -> float | None:
     vals = [r[key] for r in rows if r.get(key) is not None and (upto is None or r["step"] <= upto)]
     return vals[-1] if vals else None
@@ -107,8 +114,8 @@ def dpo_grid_points(root: Path) -> list[dict]:
     import yaml
 
     out, seen = [], set()
-    for path in eval_reports(root):
-        for p in json.loads(path.read_text())["policies"]:
+    for _, policies in eval_reports(root):
+        for p in policies:
             if not p["name"].startswith("dpo-lr") or not p.get("run") or p["run"] in seen:
                 continue
             seen.add(p["run"])
@@ -138,7 +145,7 @@ def grid_points(root: Path, config: str) -> list[dict]:
         in_grid = run["folder"].parent == folder
         if not in_grid and not run["folder"].parent.name.startswith("long-"):
             continue
-        if last(run["rows"], KL, HORIZON) is None or (run["iterations"] or 0) < HORIZON:
+        if not reached_horizon(run):
             continue
         if not in_grid and run["lr"] in pts:
             continue
@@ -236,30 +243,30 @@ def eval_recipe(root: Path, part: str = "all", *labels: str) -> str:
     Against pi_init, with the proxy and the gold judge. Parts let two lanes evaluate side by
     side, and a later part (new seeds) leaves out what another part already scored; the report
     reads every part."""
-    dpo_grid = [f"  - {{name: dpo-lr{r['lr']:g}, path: '{r['folder']}'}}"
+    dpo_grid = [(f"dpo-lr{r['lr']:g}", r["folder"])
                 for r in load_runs(root / "grid-dpo") if r["finished"]]
     if part == "dpo":
         policies, out = dpo_grid, root / "grid-dpo" / "eval"
     else:
         want = set(labels)
-        policies = [f"  - {{name: {eval_name(label, v['seed'])}, path: '{v['policy']}'}}"
+        policies = [(eval_name(label, v["seed"]), v["policy"])
                     for label, views in chosen_runs(root).items() for v in views
-                    if (not want or label in want)
-                    and not (label == "dpo" and dpo_evaluated(root, v))]
+                    if not want or label in want]
         for label, run in long_runs(root).items():
             if want and f"long-{label}" not in want:
                 continue
             step = 4 * HORIZON
             if checkpoint_policy(run["folder"], step).is_dir():
-                policies.append(f"  - {{name: {eval_name(label, 0)}-long{step}, "
-                                f"path: '{checkpoint_policy(run['folder'], step)}'}}")
+                policies.append((f"{eval_name(label, 0)}-long{step}",
+                                 checkpoint_policy(run["folder"], step)))
         policies += dpo_grid if "dpo-grid" in want else []
         out = root / "eval" / part
+        # (DPO's seed 0 at its chosen rate is a grid run that grid-dpo/eval scored.)
         done = scored_elsewhere(root, out)
-        policies = [p for p in policies if p.split("name: ", 1)[1].split(",", 1)[0] not in done]
+        policies = [(name, path) for name, path in policies if Path(path) not in done]
     return "\n".join([
         "kind: eval", f"run: {{name: study-eval, output_dir: '{out}', seed: 1}}",
-        "policies:", *policies,
+        "policies:", *(f"  - {{name: {name}, path: '{path}'}}" for name, path in policies),
         f"baseline: {{name: sft, path: '{root / 'sft'}'}}",
         "data: {source: 'builtin:prompts', eval_rows: 64, max_prompt_len: 96, max_len: 160, "
         "system: ''}",
@@ -271,16 +278,11 @@ def eval_recipe(root: Path, part: str = "all", *labels: str) -> str:
         "eval: {samples_per_prompt: 1, bootstrap: 2000, batch_size: 32}", ""])
 
 
-def scored_elsewhere(root: Path, out: Path) -> set[str]:
-    """Names of the policies another evaluation (not the one writing into ``out``) scored."""
-    return {p["name"] for path in eval_reports(root) if path.parent != out
-            for p in json.loads(path.read_text())["policies"] if not p.get("is_baseline")}
-
-
-def dpo_evaluated(root: Path, view: dict) -> bool:
-    """Whether DPO's grid evaluation (same settings as the final one) already scored this
-    policy: seed 0 of the chosen rate is a grid run."""
-    return any(Path(p["run"]) == view["folder"] for p in dpo_grid_points(root))
+def scored_elsewhere(root: Path, out: Path) -> set[Path]:
+    """The policies another evaluation (not the one writing into ``out``) scored: each as the
+    path it was given (``run``: a run folder) and the one apactl eval resolved (``path``)."""
+    return {Path(p[k]) for folder, policies in eval_reports(root) if folder != out
+            for p in policies if not p.get("is_baseline") for k in ("run", "path") if p.get(k)}
 
 
 # --------------------------------------------------------------------------------- statistics
@@ -337,8 +339,8 @@ def frontier_points(root: Path, config: str) -> list[tuple[float, float, float, 
            for r in records(root / GRID_DIR[config])
            if r["label"] == config and (r["lr"], r["seed"]) not in made]
     for run in runs:
-        if last(run["rows"], KL) is None or max(r["step"] for r in run["rows"]) < HORIZON:
-            continue  # unfinished (running, or cut): its points would all sit at low KL
+        if not reached_horizon(run):
+            continue
         where = f"{run['folder'].parent.name}/{run['folder'].name}@"
         pts += [(r[KL], r[GOLD], r[PROXY], f"{where}{r['step']}") for r in run["rows"]
                 if r.get(KL) is not None and r.get(GOLD) is not None and r["step"] <= HORIZON]
@@ -416,10 +418,13 @@ def matched(root: Path, reps: int = 2000, seed: int = 0) -> dict:
 
 
 # ------------------------------------------------------------------------------- final eval
-def eval_reports(root: Path) -> list[Path]:
-    """Every `apactl eval` report of the study: the parts under eval/, and DPO's grid."""
-    return sorted((root / "eval").glob("**/report.json")) + \
+@functools.cache
+def eval_reports(root: Path) -> tuple[tuple[Path, list[dict]], ...]:
+    """Every `apactl eval` report of the study (the parts under eval/, and DPO's grid) as
+    (folder, its policies); read once per process, callers must not modify them."""
+    paths = sorted((root / "eval").glob("**/report.json")) + \
         sorted((root / "grid-dpo" / "eval").glob("report.json"))
+    return tuple((p.parent, json.loads(p.read_text())["policies"]) for p in paths)
 
 
 def final_eval(root: Path) -> dict:
@@ -427,9 +432,9 @@ def final_eval(root: Path) -> dict:
     DPO grid policy at the chosen rate is dpo-s0, the others dpo-lr<rate>."""
     lr = choose(grid_points(root, "dpo"))[0]
     policies, seen = [], set()
-    for path in eval_reports(root):
-        for p in json.loads(path.read_text())["policies"]:
-            p = dict(p, report=str(path.parent))
+    for folder, report in eval_reports(root):
+        for p in report:
+            p = dict(p, report=str(folder))
             if p["name"].startswith("dpo-lr") and float(p["name"][6:]) == lr:
                 p["name"] = "dpo-s0"
             key = "baseline" if p.get("is_baseline") else p["name"]
