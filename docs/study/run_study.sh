@@ -13,12 +13,12 @@
 #   seeds     seeds 1 and 2 of every chosen configuration (seed-major: every configuration gets
 #             seed 1 before any gets seed 2, so a cut-short study stays balanced)
 #   lam       APA lambda 0.03 / 0.3 and AWR lambda 0.1 at their chosen rates, seed 0
-#   eval      `apactl eval` of every final policy (64 held-out prompts x 2 answers, proxy and
+#   eval      `apactl eval` of every final policy (64 held-out prompts x 1 answer, proxy and
 #             gold), then the report (docs/study/results.md, results.json, figures)
 # The rate of each algorithm is chosen by `analyze.py best-lr` (the rule: the best held-out
 # PROXY among the rates whose held-out KL to pi_init at the last evaluation is <= 10 nats;
 # never the gold judge). A chosen rate at the edge of its grid is reported by best-lr, and the
-# grid must then be extended (GRID_LRS) for every algorithm alike.
+# grid must then be extended (GRID_LRS, DPO_LRS; docs/study.md says how it was charged).
 # Environment: THREADS=1 sets run.num_threads (two lanes side by side on 2 cores: 1 thread
 # each); CONFIGS limits the grid-cf/long/seeds phases to some configurations, SEEDS the seeds
 # phase to some seeds; GRID_LRS and DPO_LRS set the grids.
